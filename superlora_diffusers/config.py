@@ -1,0 +1,185 @@
+"""`SuperLoRAConfig`: every hyper-parameter of the SuperLoRA family in one serialisable dataclass.
+
+One configuration space spans LoRA, LoKr, group-wise LoRA, LoNKr and LoRTA (Tucker); the named
+constructors below build those special cases. The config is stored as JSON in the adapter file's
+header, so `to_dict` / `from_dict` must round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Union
+
+Factorization = Literal["lora", "kronecker", "tucker"]
+Projection = Literal["none", "fastfood", "gaussian"]
+Groups = Union[int, Literal["weight"]]
+
+FACTORIZATIONS = ("lora", "kronecker", "tucker")
+PROJECTIONS = ("none", "fastfood", "gaussian")
+CONFIG_VERSION = 1
+
+
+@dataclass
+class SuperLoRAConfig:
+    """Hyper-parameters of a SuperLoRA adapter (see docs and `../shared/superlora-method.md`).
+
+    Args:
+        factorization: how each folded chunk is factored: "lora" (A·Bᵀ, fold 2), "kronecker"
+            (⊗ of `kron_splits` factors, fold 2) or "tucker" (core ×ₘ factor matrices, any fold).
+        rank: rank r of the low-rank factors (Tucker: core size r per mode).
+        alpha: scale numerator; ΔW is multiplied by alpha / rank. None means alpha = rank (scale 1).
+        groups: number G of equal chunks of the super-vector, or "weight" for one chunk per adapted
+            weight (weight-aligned; with fold=2 each chunk keeps its native (d_out, d_in) shape).
+        fold: order M of the tensor each chunk is folded into (2 = matrix, 3 = cube, ...).
+        fold_shape: explicit mode sizes (product >= chunk size) instead of equal sizes; needs integer groups.
+        shuffle: apply one fixed random permutation to the super-vector before grouping.
+        shuffle_seed: seed of that permutation (the permutation is regenerated, never stored).
+        projection: fixed random map lifting the factors' ρ·N_g entries to N_g ("none" needs ratio 1).
+        projection_ratio: ρ in (0, 1].
+        projection_seed: seed of the projection (regenerated, never stored).
+        kron_splits: number K of Kronecker factors (2 = LoKr, >= 3 = LoNKr).
+        kron_factor: LyCORIS-style size of the small factors (-1: balanced, as small as possible).
+        kron_decompose_both: also factor the first (small) Kronecker factor at rank r.
+        target_modules: which layers to adapt, read by the diffusers integration (a preset name or a
+            list of module-name regexes).
+    """
+
+    factorization: Factorization = "lora"
+    rank: int = 4
+    alpha: float | None = None
+    groups: Groups = "weight"
+    fold: int = 2
+    fold_shape: tuple[int, ...] | None = None
+    shuffle: bool = False
+    shuffle_seed: int = 0
+    projection: Projection = "none"
+    projection_ratio: float = 1.0
+    projection_seed: int = 0
+    kron_splits: int = 2
+    kron_factor: int = -1
+    kron_decompose_both: bool = False
+    target_modules: str | list[str] = "unet"
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.fold_shape is not None:
+            self.fold_shape = tuple(int(n) for n in self.fold_shape)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        self.validate()
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: the factor ΔW is multiplied by (LoRA's convention)."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    def validate(self) -> None:
+        """Reject impossible combinations with one line that names the fix."""
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"SuperLoRA config version {self.version} is not supported by this library (expects "
+                f"{CONFIG_VERSION}); upgrade superlora-diffusers."
+            )
+        if self.factorization not in FACTORIZATIONS:
+            raise ValueError(f"factorization={self.factorization!r} is unknown; use one of {FACTORIZATIONS}.")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection={self.projection!r} is unknown; use one of {PROJECTIONS}.")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank={self.rank!r} must be a positive integer.")
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise ValueError(f"alpha={self.alpha!r} must be a finite number (or None for alpha = rank).")
+        if self.groups != "weight" and (not isinstance(self.groups, int) or self.groups < 1):
+            raise ValueError(f"groups={self.groups!r} must be a positive integer or 'weight'.")
+        if not isinstance(self.fold, int) or self.fold < 2:
+            raise ValueError(f"fold={self.fold!r} must be an integer >= 2 (2 = matrix, 3 = cube, ...).")
+        if self.factorization in ("lora", "kronecker") and self.fold != 2:
+            raise ValueError(
+                f"factorization={self.factorization!r} needs fold=2 (got fold={self.fold}); "
+                "use factorization='tucker' for fold >= 3."
+            )
+        if self.fold_shape is not None:
+            if self.groups == "weight":
+                raise ValueError("fold_shape needs integer groups (weight-aligned chunks differ in size); set groups=G.")
+            if len(self.fold_shape) != self.fold or min(self.fold_shape) < 1:
+                raise ValueError(
+                    f"fold_shape={self.fold_shape} must have fold={self.fold} positive mode sizes."
+                )
+        if not 0.0 < self.projection_ratio <= 1.0:
+            raise ValueError(f"projection_ratio={self.projection_ratio} must be in (0, 1].")
+        if self.projection == "none" and self.projection_ratio != 1.0:
+            raise ValueError(
+                f"projection_ratio={self.projection_ratio} needs a projection; set projection='fastfood' "
+                "(or 'gaussian' for small adapters)."
+            )
+        if self.factorization == "kronecker" and (not isinstance(self.kron_splits, int) or self.kron_splits < 2):
+            raise ValueError(f"kron_splits={self.kron_splits!r} must be >= 2 (2 = LoKr, 3+ = LoNKr).")
+        if self.kron_factor == 0 or self.kron_factor < -1:
+            raise ValueError(f"kron_factor={self.kron_factor} must be a positive size or -1 (balanced).")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is an empty list; name at least one module pattern or a preset.")
+
+    # --- serialisation (the config lives in file metadata) -------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["fold_shape"] is not None:
+            d["fold_shape"] = list(d["fold_shape"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SuperLoRAConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown SuperLoRA config keys {unknown}: the file was written by a newer "
+                "superlora-diffusers; upgrade it."
+            )
+        return cls(**d)
+
+    # --- the method's special cases ------------------------------------------------------------------
+    @classmethod
+    def lora(cls, rank: int = 4, alpha: float | None = None, **kw: Any) -> "SuperLoRAConfig":
+        """Plain LoRA: one A·Bᵀ per weight in its native shape."""
+        return cls(factorization="lora", rank=rank, alpha=alpha, groups="weight", fold=2, **kw)
+
+    @classmethod
+    def lokr(cls, rank: int = 4, alpha: float | None = None, factor: int = -1, **kw: Any) -> "SuperLoRAConfig":
+        """LoKr (as in LyCORIS / peft): w1 ⊗ (w2_a·w2_b) per weight."""
+        return cls(factorization="kronecker", rank=rank, alpha=alpha, groups="weight", kron_splits=2,
+                   kron_factor=factor, **kw)
+
+    @classmethod
+    def group_lora(cls, groups: int, rank: int = 4, alpha: float | None = None, **kw: Any) -> "SuperLoRAConfig":
+        """Group-wise LoRA: G near-square chunks of the super-vector, each A·Bᵀ."""
+        return cls(factorization="lora", rank=rank, alpha=alpha, groups=groups, fold=2, **kw)
+
+    @classmethod
+    def lonkr(cls, splits: int = 3, groups: int = 1, rank: int = 4, alpha: float | None = None,
+              factor: int = -1, **kw: Any) -> "SuperLoRAConfig":
+        """LoNKr: each chunk a Kronecker product of `splits` (low-rank) factors."""
+        return cls(factorization="kronecker", rank=rank, alpha=alpha, groups=groups, kron_splits=splits,
+                   kron_factor=factor, **kw)
+
+    @classmethod
+    def lorta(cls, fold: int = 3, groups: int = 1, rank: int = 4, alpha: float | None = None,
+              **kw: Any) -> "SuperLoRAConfig":
+        """LoRTA: each chunk folded into an M-way tensor and Tucker-factored (core r^M + M factor matrices)."""
+        return cls(factorization="tucker", rank=rank, alpha=alpha, groups=groups, fold=fold, **kw)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # name -> SuperLoRAConfig kwargs; every entry is one row of the method's special-case table.
+    "lora": dict(factorization="lora", groups="weight", fold=2),
+    "lokr": dict(factorization="kronecker", groups="weight", kron_splits=2),
+    "group-lora": dict(factorization="lora", groups=4, fold=2),
+    "lonkr": dict(factorization="kronecker", groups=1, kron_splits=3),
+    "lorta": dict(factorization="tucker", groups=1, fold=3),
+}
+
+
+def config_from_preset(name: str, **overrides: Any) -> SuperLoRAConfig:
+    """Build a config from a preset name, with explicit overrides taking precedence."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown SuperLoRA preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return SuperLoRAConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,129 @@
+"""Operation 5 of SuperLoRA: tensor factoring of each folded chunk (LoRA, Kronecker, Tucker).
+
+`ChunkFactors` owns the trainable tensors of one `Block` (a batch of equally shaped chunks, leading
+dimension G) and returns the chunks flattened, shape (G, prod(fold_shape)). `factor_shapes` is the same
+arithmetic without allocating, so parameter counts are exact before anything is built.
+
+Initialisation makes every chunk exactly zero with exactly one zero tensor (LoRA: B; Kronecker: the
+first factor; Tucker: the core): the zero tensor gets a gradient at once and the others from the
+second step on. Two zero tensors would freeze training.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import torch
+from torch import nn
+
+from .config import SuperLoRAConfig
+from .layout import Block, kron_split
+
+
+def kron_factor_dims(config: SuperLoRAConfig, block: Block) -> list[tuple[int, int]]:
+    """(rows, cols) of each Kronecker factor; their products cover the folded chunk."""
+    rows, cols = block.fold_shape
+    a = kron_split(rows, config.kron_splits, config.kron_factor, block.exact)
+    b = kron_split(cols, config.kron_splits, config.kron_factor, block.exact)
+    return list(zip(a, b))
+
+
+def kron_factor_is_low_rank(config: SuperLoRAConfig, k: int, dims: tuple[int, int]) -> bool:
+    """LyCORIS/peft rule: factor at rank r only when that saves parameters; the first factor only with
+    `kron_decompose_both`."""
+    if k == 0 and not config.kron_decompose_both:
+        return False
+    return config.rank < max(dims) / 2
+
+
+def factor_shapes(config: SuperLoRAConfig, block: Block) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every trainable tensor of one block (leading dim = number of chunks)."""
+    g, r = block.count, config.rank
+    if config.factorization == "lora":
+        rows, cols = block.fold_shape
+        return {"lora_A": (g, r, cols), "lora_B": (g, rows, r)}
+    if config.factorization == "kronecker":
+        shapes: dict[str, tuple[int, ...]] = {}
+        for k, (a, b) in enumerate(kron_factor_dims(config, block)):
+            if kron_factor_is_low_rank(config, k, (a, b)):
+                shapes[f"w{k + 1}_a"] = (g, a, r)
+                shapes[f"w{k + 1}_b"] = (g, r, b)
+            else:
+                shapes[f"w{k + 1}"] = (g, a, b)
+        return shapes
+    shapes = {"core": (g,) + (r,) * len(block.fold_shape)}
+    for m, n in enumerate(block.fold_shape):
+        shapes[f"factor_{m + 1}"] = (g, n, r)
+    return shapes
+
+
+def zero_factor_name(config: SuperLoRAConfig, names: list[str]) -> str:
+    """The one tensor initialised to zero so that ΔW starts at exactly zero."""
+    if config.factorization == "lora":
+        return "lora_B"
+    if config.factorization == "kronecker":
+        return "w1" if "w1" in names else "w1_a"
+    return "core"
+
+
+class ChunkFactors(nn.Module):
+    """Trainable factors of one block of chunks; `forward()` returns the chunks, (G, prod(fold_shape))."""
+
+    def __init__(self, config: SuperLoRAConfig, block: Block) -> None:
+        super().__init__()
+        self.factorization = config.factorization
+        self.fold_shape = block.fold_shape
+        self.kron_splits = config.kron_splits
+        shapes = factor_shapes(config, block)
+        zero = zero_factor_name(config, list(shapes))
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        self.reset_parameters(config, zero)
+
+    @torch.no_grad()
+    def reset_parameters(self, config: SuperLoRAConfig, zero: str) -> None:
+        for name, p in self.named_parameters():
+            if name == zero:
+                p.zero_()
+            elif self.factorization == "tucker":
+                # Scale chosen so one optimizer step moves ΔW about as much as a LoRA of the same rank.
+                order, n = len(self.fold_shape), p.shape[1]
+                std = (config.rank ** ((1 - order) / 2) / math.sqrt(3 * n)) ** (1 / order)
+                p.normal_(0.0, std)
+            else:
+                # kaiming_uniform(a=sqrt(5)) per chunk, as peft/LyCORIS: bound 1/sqrt(fan_in).
+                bound = 1.0 / math.sqrt(p.shape[-1])
+                p.uniform_(-bound, bound)
+
+    def forward(self) -> torch.Tensor:
+        if self.factorization == "lora":
+            chunk = self.lora_B @ self.lora_A
+        elif self.factorization == "kronecker":
+            chunk = self._kronecker()
+        else:
+            chunk = self._tucker()
+        return chunk.reshape(chunk.shape[0], -1)
+
+    def _kronecker(self) -> torch.Tensor:
+        """⊗_k w_k, batched over chunks; row-major like torch.kron(w1, w2)."""
+        out = None
+        for k in range(1, self.kron_splits + 1):
+            w = getattr(self, f"w{k}", None)
+            if w is None:
+                w = getattr(self, f"w{k}_a") @ getattr(self, f"w{k}_b")
+            if out is None:
+                out = w
+            else:
+                g, a1, b1 = out.shape
+                _, a2, b2 = w.shape
+                out = torch.einsum("gij,gkl->gikjl", out, w).reshape(g, a1 * a2, b1 * b2)
+        return out
+
+    def _tucker(self) -> torch.Tensor:
+        """core ×₁ factor_1 ×₂ factor_2 … ×_M factor_M, batched over chunks."""
+        order = len(self.fold_shape)
+        ranks, modes = string.ascii_lowercase[:order], string.ascii_uppercase[:order]
+        spec = "z" + ranks + "," + ",".join(f"z{modes[m]}{ranks[m]}" for m in range(order)) + "->z" + modes
+        factors = [getattr(self, f"factor_{m + 1}") for m in range(order)]
+        return torch.einsum(spec, self.core, *factors)

@@ -1,0 +1,156 @@
+"""Where every entry of ΔW_all comes from: operations 1-3 of SuperLoRA (grouping, folding, shuffling).
+
+The adapted weights are flattened (row-major) and concatenated in target order into the super-vector
+ΔW_all of N entries. Shuffling permutes it; grouping cuts it into chunks; folding gives each chunk the
+tensor shape its factors produce. A `Layout` is pure arithmetic on (config, shapes): it builds nothing,
+so parameter counts and validation happen before any memory is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import SuperLoRAConfig
+
+Shape = tuple[int, int]
+
+
+def iroot_ceil(size: int, order: int) -> int:
+    """Smallest integer n with n**order >= size (exact integer arithmetic, no float drift)."""
+    n = max(1, round(size ** (1.0 / order)))
+    while n**order < size:
+        n += 1
+    while n > 1 and (n - 1) ** order >= size:
+        n -= 1
+    return n
+
+
+def projected_size(size: int, ratio: float) -> int:
+    """ρ·N_g rounded up: how many entries the factors of one chunk produce before projection."""
+    return max(1, math.ceil(round(size * ratio, 6)))
+
+
+@dataclass(frozen=True)
+class Block:
+    """Chunks that share one shape and are computed as one batch (`count` chunks of `size` entries)."""
+
+    count: int
+    size: int  # N_g: entries of ΔW_all each chunk covers (the last chunk of a block may run past N)
+    projected: int  # ρ·N_g: entries the factors produce
+    fold_shape: tuple[int, ...]  # the shape the factors produce; its product >= projected
+    exact: bool  # fold_shape is the weight's own (d_out, d_in): no surplus entries at all
+
+
+# ---- 1. Grouping --------------------------------------------------------------------------------
+def group_sizes(config: SuperLoRAConfig, shapes: list[Shape]) -> tuple[int, int]:
+    """(number of equal chunks G, chunk size N_g) for integer grouping; the surplus G·N_g - N is dropped."""
+    total = sum(o * i for o, i in shapes)
+    groups = int(config.groups)
+    if groups > total:
+        raise ValueError(f"groups={groups} exceeds the {total} adapted entries; use fewer groups.")
+    return groups, math.ceil(total / groups)
+
+
+# ---- 2. Folding ---------------------------------------------------------------------------------
+def fold_shape(config: SuperLoRAConfig, size: int, native: Shape | None = None) -> tuple[tuple[int, ...], bool]:
+    """Shape a chunk of `size` entries is folded into, and whether it is exact (the native weight shape).
+
+    Weight-aligned matrices without projection keep their own (d_out, d_in): that is plain LoRA/LoKr.
+    Otherwise modes are equal, n = ceil(size^(1/M)), and the n^M - size surplus entries are dropped.
+    """
+    if config.fold_shape is not None:
+        if math.prod(config.fold_shape) < size:
+            raise ValueError(
+                f"fold_shape={config.fold_shape} holds {math.prod(config.fold_shape)} entries but a chunk has "
+                f"{size}; enlarge it or use more groups."
+            )
+        return config.fold_shape, False
+    if native is not None and config.fold == 2 and config.projection_ratio == 1.0:
+        return native, True
+    return (iroot_ceil(size, config.fold),) * config.fold, False
+
+
+def kron_split(dim: int, splits: int, factor: int, exact: bool) -> list[int]:
+    """Split one mode of size `dim` into Kronecker factor sizes (small factors first).
+
+    Exact modes (a native weight dimension) must multiply to `dim` exactly: LyCORIS/peft's
+    `factorization`, applied again to the remainder for K > 2. Folded modes may overshoot (surplus is
+    dropped), so factors are `factor`-sized, or balanced when factor = -1.
+    """
+    if exact:
+        sizes, rest = [], dim
+        for k in range(splits - 1):
+            target = factor if factor > 0 else iroot_ceil(rest, splits - k)
+            small, rest = lycoris_factorization(rest, target)
+            sizes.append(small)
+        return sizes + [rest]
+    if factor > 0:
+        return [factor] * (splits - 1) + [math.ceil(dim / factor ** (splits - 1))]
+    n = iroot_ceil(dim, splits)
+    return [n] * splits
+
+
+def lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m * n == dimension, m near `factor` (or near the square root when -1); as in LyCORIS/peft."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+# ---- 3. Shuffling -------------------------------------------------------------------------------
+def shuffle_index(total: int, seed: int) -> torch.Tensor:
+    """The fixed permutation as a gather index: ΔW_all = shuffled[index]. Regenerated from the seed on the
+    CPU (identical on every device), int32 to halve its memory (index_select accepts it)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randperm(total, generator=generator).to(torch.int32)
+
+
+# ---- the whole layout ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Sizes and offsets of the super-vector, and the blocks of chunks that generate it."""
+
+    shapes: tuple[Shape, ...]
+    blocks: tuple[Block, ...]
+
+    @property
+    def total(self) -> int:
+        """N: number of entries of ΔW_all."""
+        return sum(o * i for o, i in self.shapes)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [o * i for o, i in self.shapes]
+
+    @classmethod
+    def build(cls, config: SuperLoRAConfig, shapes: list[Shape]) -> "Layout":
+        shapes = [(int(o), int(i)) for o, i in shapes]
+        if not shapes or min(min(s) for s in shapes) < 1:
+            raise ValueError(f"SuperLoRA needs a non-empty list of positive (d_out, d_in) shapes, got {shapes}.")
+        if config.groups == "weight":
+            blocks = []
+            for native in shapes:
+                size = native[0] * native[1]
+                fold, exact = fold_shape(config, projected_size(size, config.projection_ratio), native)
+                blocks.append(Block(1, size, projected_size(size, config.projection_ratio), fold, exact))
+        else:
+            count, size = group_sizes(config, shapes)
+            projected = projected_size(size, config.projection_ratio)
+            fold, exact = fold_shape(config, projected)
+            blocks = [Block(count, size, projected, fold, exact)]
+        return cls(tuple(shapes), tuple(blocks))

@@ -1,0 +1,105 @@
+"""Operation 4 of SuperLoRA: a fixed random map F lifting the factors' ρ·N_g entries to N_g.
+
+Fastfood (Le et al. 2013, as used for intrinsic dimension by Li et al. 2018): F·v = H·G·Π·H·B·pad(v),
+truncated to N_g and normalised so columns have unit norm in expectation. H is the (unnormalised)
+Walsh-Hadamard transform, applied in O(L log L) without ever forming an L×L matrix; B, Π and G are
+random diagonal/permutation vectors of length L = next power of two >= N_g, regenerated from a seed
+on the CPU (identical on every device) and kept as non-persistent buffers: nothing random is saved.
+The same map serves every chunk of a block; chunks differ through their own factors.
+The dense Gaussian map is the simple alternative for small chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+DENSE_LIMIT = 1 << 26  # entries of a dense Gaussian map (256 MB in fp32) before we ask for Fastfood
+
+
+def fwht(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Unnormalised fast Walsh-Hadamard transform over the last dim (a power of two), O(L log L).
+
+    H_L = H_{b1} ⊗ H_{b2} ⊗ …: each small Hadamard factor is applied along its own axis of a
+    reshaped view with one matmul, so there are log_block(L) passes instead of log2(L), and autograd
+    differentiates it as the linear map it is (Hᵀ = H).
+    """
+    length = x.shape[-1]
+    if length & (length - 1):
+        raise ValueError(f"fwht needs a power-of-two length, got {length}.")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, length)
+    trailing = length  # product of the axes not yet transformed (the low bits of the index)
+    while trailing > 1:
+        size = min(block, trailing)
+        trailing //= size
+        h = hadamard(size, dtype=x.dtype, device=x.device)
+        if trailing == 1:  # last axis: one big (rows, size) @ H matmul
+            y = y.reshape(-1, size) @ h
+        else:  # apply H_size along the `size` axis of (batch, size, trailing)
+            y = torch.matmul(h, y.reshape(-1, size, trailing))
+    return y.reshape(*lead, length)
+
+
+def hadamard(size: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Sylvester Hadamard matrix of order `size` (a power of two), entries ±1."""
+    h = torch.ones(1, 1, dtype=dtype, device=device)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+class Fastfood(nn.Module):
+    """F: R^d -> R^D, v ↦ (H·G·Π·H·B·pad(v))[:D] / (sqrt(L·ΣG²)·sqrt(D/L)); batched over chunks."""
+
+    def __init__(self, in_features: int, out_features: int, seed: int) -> None:
+        super().__init__()
+        if in_features > out_features:
+            raise ValueError(f"Fastfood lifts to a larger size; got {in_features} -> {out_features}.")
+        self.in_features, self.out_features = in_features, out_features
+        self.length = 1 << max(0, math.ceil(math.log2(out_features)))
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        signs = torch.randint(0, 2, (self.length,), generator=gen, dtype=torch.int8) * 2 - 1
+        perm = torch.randperm(self.length, generator=gen).to(torch.int32)
+        gauss = torch.randn(self.length, generator=gen, dtype=torch.float64)
+        norm = math.sqrt(self.length * float(gauss.pow(2).sum())) * math.sqrt(out_features / self.length)
+        # int8 / int32 buffers are left alone by module.half(); the float one is upcast in forward.
+        self.register_buffer("signs", signs, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("gauss", (gauss / norm).float(), persistent=False)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """v: (chunks, in_features) -> (chunks, out_features), computed in fp32 (the WHT sums L terms)."""
+        x = torch.nn.functional.pad(v.float(), (0, self.length - self.in_features)) * self.signs
+        x = fwht(x)
+        x = x.index_select(-1, self.perm) * self.gauss.float()
+        return fwht(x)[..., : self.out_features].to(v.dtype)
+
+
+class GaussianProjection(nn.Module):
+    """Dense fixed map with N(0, 1/D) entries (unit-norm columns in expectation); for small chunks only."""
+
+    def __init__(self, in_features: int, out_features: int, seed: int) -> None:
+        super().__init__()
+        if in_features * out_features > DENSE_LIMIT:
+            raise ValueError(
+                f"A dense Gaussian projection of {in_features}x{out_features} is too large; "
+                "use projection='fastfood' (O(N) memory)."
+            )
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        matrix = torch.randn(out_features, in_features, generator=gen) / math.sqrt(out_features)
+        self.register_buffer("matrix", matrix, persistent=False)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return v @ self.matrix.to(v.dtype).T
+
+
+def build_projection(kind: str, in_features: int, out_features: int, seed: int) -> nn.Module:
+    """Identity when nothing is projected, else the named fixed random map."""
+    if kind == "none":
+        return nn.Identity()
+    if kind == "fastfood":
+        return Fastfood(in_features, out_features, seed)
+    return GaussianProjection(in_features, out_features, seed)
