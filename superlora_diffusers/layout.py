@@ -83,7 +83,8 @@ def kron_split(dim: int, splits: int, factor: int, exact: bool) -> list[int]:
     if exact:
         sizes, rest = [], dim
         for k in range(splits - 1):
-            target = factor if factor > 0 else iroot_ceil(rest, splits - k)
+            # factor -1 with two factors left is LyCORIS's own "near the square root" search.
+            target = factor if factor > 0 or splits - k == 2 else iroot_ceil(rest, splits - k)
             small, rest = lycoris_factorization(rest, target)
             sizes.append(small)
         return sizes + [rest]

@@ -71,10 +71,11 @@ class Fastfood(nn.Module):
         self.register_buffer("gauss", (gauss / norm).float(), persistent=False)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """v: (chunks, in_features) -> (chunks, out_features), computed in fp32 (the WHT sums L terms)."""
-        x = torch.nn.functional.pad(v.float(), (0, self.length - self.in_features)) * self.signs
+        """v: (chunks, in_features) -> (chunks, out_features), in at least fp32 (the WHT sums L terms)."""
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        x = torch.nn.functional.pad(v.to(dtype), (0, self.length - self.in_features)) * self.signs
         x = fwht(x)
-        x = x.index_select(-1, self.perm) * self.gauss.float()
+        x = x.index_select(-1, self.perm) * self.gauss.to(dtype)
         return fwht(x)[..., : self.out_features].to(v.dtype)
 
 
