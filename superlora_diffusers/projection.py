@@ -19,28 +19,25 @@ from torch import nn
 DENSE_LIMIT = 1 << 26  # entries of a dense Gaussian map (256 MB in fp32) before we ask for Fastfood
 
 
-def fwht(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+def fwht(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     """Unnormalised fast Walsh-Hadamard transform over the last dim (a power of two), O(L log L).
 
-    H_L = H_{b1} ⊗ H_{b2} ⊗ …: each small Hadamard factor is applied along its own axis of a
-    reshaped view with one matmul, so there are log_block(L) passes instead of log2(L), and autograd
-    differentiates it as the linear map it is (Hᵀ = H).
+    H_L = H_{s1} ⊗ H_{s2} ⊗ …: each pass views the vector as (s, L/s), multiplies the leading axis by
+    the small Hadamard H_s with one batched matmul on a transposed view (no copy), and leaves that axis
+    last. After every axis has had its pass the original order is back. log_s(L) passes instead of
+    log2(L), and autograd differentiates it as the linear map it is (Hᵀ = H).
     """
     length = x.shape[-1]
     if length & (length - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {length}.")
-    lead = x.shape[:-1]
     y = x.reshape(-1, length)
-    trailing = length  # product of the axes not yet transformed (the low bits of the index)
-    while trailing > 1:
-        size = min(block, trailing)
-        trailing //= size
+    rest = length
+    while rest > 1:
+        size = min(block, rest)
+        rest //= size
         h = hadamard(size, dtype=x.dtype, device=x.device)
-        if trailing == 1:  # last axis: one big (rows, size) @ H matmul
-            y = y.reshape(-1, size) @ h
-        else:  # apply H_size along the `size` axis of (batch, size, trailing)
-            y = torch.matmul(h, y.reshape(-1, size, trailing))
-    return y.reshape(*lead, length)
+        y = torch.matmul(y.view(y.shape[0], size, length // size).transpose(1, 2), h)
+    return y.reshape(x.shape)
 
 
 def hadamard(size: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
@@ -61,11 +58,10 @@ class Fastfood(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.length = 1 << max(0, math.ceil(math.log2(out_features)))
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        signs = torch.randint(0, 2, (self.length,), generator=gen, dtype=torch.int8) * 2 - 1
-        perm = torch.randperm(self.length, generator=gen).to(torch.int32)
+        signs = torch.randint(0, 2, (self.length,), generator=gen).float() * 2 - 1  # ±1: exact in any dtype
+        perm = torch.randperm(self.length, generator=gen)  # int64: index_select's backward is slow with int32
         gauss = torch.randn(self.length, generator=gen, dtype=torch.float64)
         norm = math.sqrt(self.length * float(gauss.pow(2).sum())) * math.sqrt(out_features / self.length)
-        # int8 / int32 buffers are left alone by module.half(); the float one is upcast in forward.
         self.register_buffer("signs", signs, persistent=False)
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("gauss", (gauss / norm).float(), persistent=False)
@@ -73,8 +69,11 @@ class Fastfood(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         """v: (chunks, in_features) -> (chunks, out_features), in at least fp32 (the WHT sums L terms)."""
         dtype = torch.promote_types(v.dtype, torch.float32)
-        x = torch.nn.functional.pad(v.to(dtype), (0, self.length - self.in_features)) * self.signs
-        x = fwht(x)
+        x = v.to(dtype) * self.signs[: self.in_features].to(dtype)
+        # H_L·pad(x) = 1_{L/m} ⊗ H_m·pad_m(x) for the smallest power of two m >= d: transform only m
+        # entries and tile them, instead of a full-length transform of a mostly-zero vector.
+        small = 1 << max(0, math.ceil(math.log2(self.in_features)))
+        x = fwht(torch.nn.functional.pad(x, (0, small - self.in_features))).repeat(1, self.length // small)
         x = x.index_select(-1, self.perm) * self.gauss.to(dtype)
         return fwht(x)[..., : self.out_features].to(v.dtype)
 
