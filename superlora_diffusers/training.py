@@ -1,0 +1,477 @@
+"""The DreamBooth training loop (accelerate): data → noise → UNet with one shared SuperLoRA → MSE.
+
+Called by `train_dreambooth_superlora.py`; the flags, data handling and checkpoint helpers live in
+`dreambooth.py`. Only the SuperLoRA factors train: they stay fp32 whatever `--mixed_precision` is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .dreambooth import (
+    WEIGHT_NAME,
+    Examples,
+    TrainingError,
+    check_output_dir,
+    describe,
+    epoch_batches,
+    list_checkpoints,
+    list_images,
+    load_examples,
+    parse_args,
+    prune_checkpoints,
+    resolve_resume,
+    step_generator,
+    superlora_config_from_args,
+)
+
+logger = logging.getLogger("superlora.dreambooth")
+STATE_FILE = "superlora_training_state.json"
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or len(images)
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def load_base(args: argparse.Namespace):
+    """Tokenizer, text encoder, VAE, UNet and noise scheduler of the base model, frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .toy import resolve_base_model
+
+    path = resolve_base_model(args.pretrained_model_name_or_path)
+    common = dict(revision=args.revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or path, subfolder=None if args.tokenizer_name else "tokenizer", **common)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise TrainingError(f"cannot load base model {args.pretrained_model_name_or_path!r}: {first}") from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+    return path, tokenizer, text_encoder, vae, unet, scheduler
+
+
+def make_pipeline(path: str, tokenizer, text_encoder, vae, unet, scheduler_config):
+    """A pipeline over the training modules themselves: no copies, no dtype casts (diffusers #13124)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, count: int, seed: int, args: argparse.Namespace, resolution: int) -> list[Image.Image]:
+    device = pipe.unet.device
+    return [
+        pipe(prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+             height=resolution, width=resolution,
+             generator=torch.Generator(device="cpu").manual_seed(seed + i)).images[0]
+        for i in range(count)
+    ]
+
+
+def generate_class_images(args: argparse.Namespace, accelerator, path: str, modules, resolution: int) -> None:
+    """Fill --class_data_dir up to --num_class_images with the base model's own images of --class_prompt."""
+    class_dir = Path(args.class_data_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    have = len([f for f in class_dir.iterdir() if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}])
+    missing = args.num_class_images - have
+    if missing <= 0 or not accelerator.is_main_process:
+        return
+    logger.info("generating %d class images of %r into %s", missing, args.class_prompt, class_dir)
+    tokenizer, text_encoder, vae, unet, scheduler = modules
+    pipe = make_pipeline(path, tokenizer, text_encoder, vae, unet, scheduler.config)
+    for start in range(0, missing, args.sample_batch_size):
+        n = min(args.sample_batch_size, missing - start)
+        generator = torch.Generator(device="cpu").manual_seed(args.seed + 10_000 + have + start)
+        images = pipe([args.class_prompt] * n, num_inference_steps=args.num_inference_steps,
+                      guidance_scale=args.guidance_scale, height=resolution, width=resolution,
+                      generator=generator).images
+        for i, image in enumerate(images):
+            image.save(class_dir / f"class-{have + start + i:05d}.png")
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def latent_stats(vae, pixels: torch.Tensor, flip: bool) -> torch.Tensor:
+    """(n, 2[flip], 2[mean/std], C, h, w): the VAE posterior of each image and, if asked, its mirror."""
+    views = [pixels] + ([pixels.flip(-1)] if flip else [pixels])
+    out = []
+    for view in views:
+        dist = vae.encode(view.to(vae.device, vae.dtype)).latent_dist
+        out.append(torch.stack([dist.mean, dist.std], 1).float().cpu())
+    return torch.stack(out, 1)
+
+
+def sample_latents(stats: torch.Tensor, idx: list[int], generator: torch.Generator, random_flip: bool) -> torch.Tensor:
+    chosen = stats[idx]  # (b, 2, 2, C, h, w)
+    if random_flip:
+        flips = torch.randint(0, 2, (len(idx),), generator=generator)
+    else:
+        flips = torch.zeros(len(idx), dtype=torch.long)
+    picked = chosen[torch.arange(len(idx)), flips]
+    mean, std = picked[:, 0], picked[:, 1]
+    return mean + std * torch.randn(mean.shape, generator=generator)
+
+
+def train(args: argparse.Namespace) -> Path:
+    output_dir = Path(args.output_dir)
+    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
+    check_output_dir(output_dir, args.overwrite_output_dir, resume is not None)
+    list_images(args.instance_data_dir, "--instance_data_dir")  # fail fast, before loading any model
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+
+    from .model import inject_superlora, load_superlora_state_dict, target_shapes
+    from .serialization import save_superlora_file
+    report_to = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
+        raise TrainingError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU.")
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(args.seed)  # the adapter's initial factors: identical on every process
+
+    path, tokenizer, text_encoder, vae, unet, noise_scheduler = load_base(args)
+    resolution = args.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (text_encoder, vae, unet):
+        module.to(device)
+
+    # --- data ---
+    instance = load_examples(args.instance_data_dir, args.instance_prompt, resolution, args.center_crop,
+                             args.caption_extension, "--instance_data_dir")
+    classes: Examples | None = None
+    if args.with_prior_preservation:
+        with accelerator.main_process_first():
+            generate_class_images(args, accelerator, path, (tokenizer, text_encoder, vae, unet, noise_scheduler), resolution)
+        classes = load_examples(args.class_data_dir, args.class_prompt, resolution, args.center_crop,
+                                args.caption_extension, "--class_data_dir", limit=args.num_class_images)
+    inst_stats = latent_stats(vae, instance.pixels, args.random_flip)
+    class_stats = latent_stats(vae, classes.pixels, args.random_flip) if classes else None
+
+    # --- the one shared SuperLoRA ---
+    components = {"unet": unet, "text_encoder": text_encoder}
+    config, how = superlora_config_from_args(args, lambda targets: target_shapes(components, targets))
+    superlora = inject_superlora(components, config)
+    n_params = superlora.num_parameters()
+    lora1 = sum(o + i for o, i in superlora.shapes)
+    if accelerator.is_main_process:
+        logger.info("SuperLoRA %s", how)
+        logger.info("adapting %d weights (%s entries); trainable parameters: %d (~%.1f KB as fp32); "
+                    "a rank-1 LoRA of the same targets: %d (%.0fx more)", len(superlora.shapes),
+                    f"{sum(o * i for o, i in superlora.shapes):,}", n_params, 4 * n_params / 1024, lora1, lora1 / n_params)
+    for module in (text_encoder, vae, unet):
+        module.to(dtype=weight_dtype)
+    superlora.to(dtype=torch.float32)  # trainable factors stay fp32 (no "unscale FP16 gradients")
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+
+    fixed_embeds: dict[str, torch.Tensor] = {}
+    if not args.train_text_encoder:  # frozen text encoder: encode every prompt once
+        prompts = sorted(set(instance.prompts) | set(classes.prompts if classes else []))
+        with torch.no_grad():
+            for p in prompts:
+                fixed_embeds[p] = encode_prompts(tokenizer, text_encoder, [p])[0].to(weight_dtype)
+
+    params = [p for p in superlora.parameters() if p.requires_grad]
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only).") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    items = list(range(len(instance.prompts))) * args.repeats
+    batches_per_epoch = len(epoch_batches(len(items), args.train_batch_size, args.seed, 0, 0, accelerator.num_processes))
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+
+    # Checkpoints hold the SuperLoRA factors only (not the frozen UNet), plus optimizer/scheduler state.
+    def save_hook(models, weights, out_dir):
+        for _ in models:
+            weights.pop()
+        if accelerator.is_main_process:
+            save_superlora_file(superlora, Path(out_dir) / WEIGHT_NAME, overwrite=True)
+
+    def load_hook(models, in_dir):
+        while models:
+            models.pop()
+        from safetensors.torch import load_file
+
+        load_superlora_state_dict(superlora, load_file(str(Path(in_dir) / WEIGHT_NAME)))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    global_step = 0
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        global_step = json.loads((resume / STATE_FILE).read_text())["global_step"]
+        logger.info("resumed from %s at step %d", resume, global_step)
+    if accelerator.is_main_process and report_to:
+        accelerator.init_trackers("superlora-dreambooth", config={k: v for k, v in vars(args).items()
+                                                                  if isinstance(v, (int, float, str, bool))})
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    micro_per_update = args.gradient_accumulation_steps
+    start_micro = global_step * micro_per_update
+    last_checkpoint = list_checkpoints(output_dir)[-1] if list_checkpoints(output_dir) else None
+    trainable = [unet] + ([text_encoder] if args.train_text_encoder else [])
+    for m in trainable:
+        m.train()
+    t0 = time.time()
+    micro = 0
+    for epoch in range(num_epochs):
+        for batch in epoch_batches(len(items), args.train_batch_size, args.seed, epoch,
+                                   accelerator.process_index, accelerator.num_processes):
+            if micro < start_micro:  # replaying a resumed run: skip what was already done
+                micro += 1
+                continue
+            if global_step >= max_steps:
+                break
+            g = step_generator(args.seed, 2, micro, accelerator.process_index)
+            idx = [items[i] for i in batch]
+            latents = sample_latents(inst_stats, idx, g, args.random_flip)
+            prompts = [instance.prompts[i] for i in idx]
+            if classes is not None:
+                cidx = torch.randint(0, len(classes.prompts), (len(idx),), generator=g).tolist()
+                latents = torch.cat([latents, sample_latents(class_stats, cidx, g, args.random_flip)])
+                prompts += [classes.prompts[i] for i in cidx]
+            latents = (latents * vae.config.scaling_factor).to(device, weight_dtype)
+            noise = torch.randn(latents.shape, generator=g)
+            if args.noise_offset:
+                noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g)
+            noise = noise.to(device, weight_dtype)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      generator=g).to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+
+            with accelerator.accumulate(unet):
+                if args.train_text_encoder:
+                    hidden = encode_prompts(tokenizer, text_encoder, prompts)
+                else:
+                    hidden = torch.stack([fixed_embeds[p] for p in prompts]).to(device)
+                pred = unet(noisy, timesteps, hidden).sample
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if args.snr_gamma is not None:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    weight = torch.minimum(snr, torch.full_like(snr, args.snr_gamma))
+                    if noise_scheduler.config.prediction_type == "v_prediction":
+                        weight = weight / (snr + 1)
+                    else:
+                        weight = weight / snr
+                    per_sample = per_sample * weight
+                if classes is not None:
+                    n = len(idx)
+                    loss = per_sample[:n].mean() + args.prior_loss_weight * per_sample[n:].mean()
+                else:
+                    loss = per_sample.mean()
+                bad = accelerator.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device), "sum")
+                if bad.item() > 0:
+                    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+                    raise TrainingError(
+                        f"loss became NaN/inf at step {global_step + 1}; stopped without updating the weights "
+                        f"({where}). Lower --learning_rate or use --mixed_precision bf16/no."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+                last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                validate(args, accelerator, path, (tokenizer, text_encoder, vae, accelerator.unwrap_model(unet)),
+                         noise_scheduler, resolution, global_step, superlora)
+                for m in trainable:
+                    m.train()
+        if global_step >= max_steps:
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+    weights = output_dir / WEIGHT_NAME
+    if accelerator.is_main_process:
+        logger.info("trained %d steps in %.0f s", global_step, time.time() - t0)
+        save_superlora_file(superlora, weights, overwrite=True, extra_metadata={
+            "instance_prompt": args.instance_prompt, "base_model": str(args.pretrained_model_name_or_path)})
+        final_validation(args, accelerator, path, weights, resolution, n_params, lora1, config)
+    accelerator.end_training()
+    return weights
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
+    """accelerate state + our step counter, written to a temp dir and renamed into place (atomic)."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"global_step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if limit is not None:
+            prune_checkpoints(output_dir, limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def validate(args, accelerator, path, modules, noise_scheduler, resolution, step, superlora) -> None:
+    tokenizer, text_encoder, vae, unet = modules
+    pipe = make_pipeline(path, tokenizer, text_encoder, vae, unet, noise_scheduler.config)
+    images = generate(pipe, args.validation_prompt, args.num_validation_images, args.seed, args, resolution)
+    assert all(p.dtype == torch.float32 for p in superlora.parameters()), "validation must not downcast the adapter"
+    grid = image_grid(images)
+    out = Path(args.output_dir) / "validation"
+    out.mkdir(parents=True, exist_ok=True)
+    grid.save(out / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+
+
+def final_validation(args, accelerator, path, weights: Path, resolution, n_params, lora1, config) -> None:
+    """Reload the saved file into a fresh pipeline (what a user does) and write samples + a model card."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    import superlora_diffusers  # noqa: F401  (attaches the pipeline verbs)
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_superlora_weights(str(weights.parent), weight_name=weights.name)
+    prompt = args.validation_prompt or args.instance_prompt
+    images = generate(pipe, prompt, max(1, args.num_validation_images), args.seed, args, resolution)
+    image_grid(images).save(Path(args.output_dir) / "samples.png")
+    write_model_card(args, n_params, lora1, config, weights, prompt)
+
+
+def write_model_card(args, n_params: int, lora1: int, config, weights: Path, prompt: str) -> None:
+    card = f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+tags:
+- text-to-image
+- diffusers
+- superlora
+- dreambooth
+instance_prompt: {args.instance_prompt}
+---
+
+# SuperLoRA DreamBooth adapter
+
+Trained with `train_dreambooth_superlora.py` on `{args.pretrained_model_name_or_path}` from the images in
+`{args.instance_data_dir}` with the instance prompt **{args.instance_prompt}**
+{f"and prior preservation on *{args.class_prompt}*" if args.with_prior_preservation else ""}.
+
+- trainable parameters: **{n_params:,}** ({weights.stat().st_size:,} bytes on disk); a rank-1 LoRA of the same
+  targets has {lora1:,} ({lora1 / n_params:.0f}x more)
+- configuration: {describe(config)}; targets: {config.target_modules}
+- steps: {args.max_train_steps or 'from epochs'}, learning rate {args.learning_rate}, batch {args.train_batch_size}, seed {args.seed}
+
+![samples](samples.png) (prompt: "{prompt}")
+
+```python
+import superlora_diffusers
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+pipe.load_superlora_weights("{args.output_dir}")
+image = pipe("{args.instance_prompt}").images[0]
+```
+
+Full config:
+```json
+{json.dumps(config.to_dict(), indent=1)}
+```
+"""
+    (Path(args.output_dir) / "README.md").write_text(card)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: user errors become one line on stderr and exit code 2."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        train(parse_args(argv))
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,121 @@
+"""Trainer input handling: flags, bad input (one line, exit 2, nothing lost), budgets, batching."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from superlora_diffusers import count_parameters
+from superlora_diffusers.dreambooth import (
+    TrainingError,
+    choose_config_for_budget,
+    epoch_batches,
+    list_images,
+    load_examples,
+    parse_args,
+    superlora_config_from_args,
+)
+from superlora_diffusers.training import main
+
+SD_LIKE = [(320, 320)] * 8 + [(320, 768)] * 2 + [(640, 640)] * 8 + [(640, 768)] * 2
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err.strip()
+
+
+def write_images(folder, n=3, size=40):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (size, size + 8), (40 * i, 100, 200)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_missing_instance_dir_is_one_clear_line(tmp_path, capsys):
+    code, err = run_main(capsys, "--instance_data_dir", str(tmp_path / "nope"), "--instance_prompt", "a sks star",
+                         "--output_dir", str(tmp_path / "out"))
+    assert code == 2
+    assert err.count("\n") == 0 and "does not exist" in err and "Traceback" not in err
+
+
+def test_empty_instance_dir(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = run_main(capsys, "--instance_data_dir", str(tmp_path / "empty"), "--instance_prompt", "x",
+                         "--output_dir", str(tmp_path / "out"))
+    assert code == 2 and "holds no images" in err
+
+
+def test_non_images_are_skipped_with_a_warning(tmp_path, caplog):
+    folder = write_images(tmp_path / "inst", n=2)
+    (folder / "notes.md").write_text("hello")
+    (folder / "img0.txt").write_text("a photo of sks star on a black background")
+    with caplog.at_level(logging.WARNING):
+        files = list_images(folder, "--instance_data_dir")
+    assert [f.name for f in files] == ["img0.png", "img1.png"]
+    assert "notes.md" in caplog.text
+    examples = load_examples(str(folder), "a photo of sks star", 32, True, ".txt", "x")
+    assert examples.pixels.shape == (2, 3, 32, 32)
+    assert examples.pixels.min() >= -1 and examples.pixels.max() <= 1
+    assert examples.prompts == ["a photo of sks star on a black background", "a photo of sks star"]
+
+
+def test_unreadable_image_is_named(tmp_path):
+    folder = write_images(tmp_path / "inst", n=1)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(TrainingError, match="broken.png"):
+        load_examples(str(folder), "p", 32, False, ".txt", "x")
+
+
+def test_existing_weights_are_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "superlora_weights.safetensors").write_bytes(b"precious")
+    folder = write_images(tmp_path / "inst")
+    code, err = run_main(capsys, "--instance_data_dir", str(folder), "--instance_prompt", "x", "--output_dir", str(out))
+    assert code == 2 and "--overwrite_output_dir" in err
+    assert (out / "superlora_weights.safetensors").read_bytes() == b"precious"
+
+
+def test_prior_preservation_needs_class_flags():
+    with pytest.raises(TrainingError, match="--class_prompt"):
+        parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--with_prior_preservation"])
+
+
+@pytest.mark.parametrize("budget", [40, 300, 1_000, 5_000, 60_000])
+def test_param_budget_picks_the_largest_config_that_fits(budget):
+    config = choose_config_for_budget(budget, SD_LIKE)
+    n = count_parameters(config, SD_LIKE)
+    assert n <= budget
+    assert n >= 0.5 * budget  # the search is dense enough to use most of the budget
+
+
+def test_param_budget_below_anything_is_an_error():
+    with pytest.raises(TrainingError, match="raise it"):
+        choose_config_for_budget(3, SD_LIKE)
+
+
+def test_flags_override_the_preset():
+    args = parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--superlora_preset", "lorta",
+                       "--rank", "3", "--groups", "2", "--fold", "4", "--projection_ratio", "0.1"])
+    config, how = superlora_config_from_args(args, lambda targets: SD_LIKE)
+    assert (config.factorization, config.rank, config.groups, config.fold) == ("tucker", 3, 2, 4)
+    assert config.projection == "fastfood" and "lorta" in how
+    bad = parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--superlora_preset", "lora", "--fold", "3"])
+    with pytest.raises(TrainingError, match="tucker"):
+        superlora_config_from_args(bad, lambda targets: SD_LIKE)
+
+
+def test_epoch_batches_are_seeded_and_split_across_processes():
+    one = epoch_batches(10, 2, seed=0, epoch=3, process=0, processes=1)
+    assert one == epoch_batches(10, 2, seed=0, epoch=3, process=0, processes=1)
+    assert one != epoch_batches(10, 2, seed=0, epoch=4, process=0, processes=1)
+    assert sorted(i for b in one for i in b) == list(range(10))
+    p0 = epoch_batches(10, 2, seed=0, epoch=3, process=0, processes=2)
+    p1 = epoch_batches(10, 2, seed=0, epoch=3, process=1, processes=2)
+    assert len(p0) == len(p1) == 2
+    assert not set(i for b in p0 for i in b) & set(i for b in p1 for i in b)
+    assert epoch_batches(3, 4, seed=0, epoch=0, process=0, processes=1)[0].__len__() == 4  # wraps tiny sets
