@@ -66,10 +66,18 @@ class SuperLoRA(nn.Module):
         return out
 
 
+def parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape]) -> dict[str, tuple[int, ...]]:
+    """`SuperLoRA(config, shapes).state_dict()` names -> shapes, computed without allocating anything."""
+    layout = Layout.build(config, shapes)
+    return {
+        f"blocks.{i}.{name}": shape
+        for i, block in enumerate(layout.blocks) for name, shape in factor_shapes(config, block).items()
+    }
+
+
 def count_parameters(config: SuperLoRAConfig, shapes: list[Shape]) -> int:
     """Trainable parameters of `SuperLoRA(config, shapes)`, computed without allocating anything."""
-    layout = Layout.build(config, shapes)
-    return sum(math.prod(s) for block in layout.blocks for s in factor_shapes(config, block).values())
+    return sum(math.prod(s) for s in parameter_shapes(config, shapes).values())
 
 
 def lora_parameter_count(shapes: list[Shape], rank: int = 1) -> int:

@@ -159,7 +159,7 @@ def train(args: argparse.Namespace) -> Path:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_snr
 
-    from .model import inject_superlora, load_superlora_state_dict, target_shapes
+    from .model import get_superlora_model, inject_superlora, target_shapes
     from .serialization import save_superlora_file
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
@@ -197,6 +197,7 @@ def train(args: argparse.Namespace) -> Path:
     components = {"unet": unet, "text_encoder": text_encoder}
     config, how = superlora_config_from_args(args, lambda targets: target_shapes(components, targets))
     superlora = inject_superlora(components, config)
+    target_names = get_superlora_model(components).adapters["default"].targets
     n_params = superlora.num_parameters()
     lora1 = sum(o + i for o, i in superlora.shapes)
     if accelerator.is_main_process:
@@ -246,27 +247,17 @@ def train(args: argparse.Namespace) -> Path:
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
 
-    # Checkpoints hold the SuperLoRA factors only (not the frozen UNet), plus optimizer/scheduler state.
-    def save_hook(models, weights, out_dir):
-        for _ in models:
-            weights.pop()
-        if accelerator.is_main_process:
-            save_superlora_file(superlora, Path(out_dir) / WEIGHT_NAME, overwrite=True)
+    # The frozen UNet is not wrapped (DDP refuses a module without trainable parameters): the factors'
+    # gradients are averaged across processes by hand below, and mixed precision runs under autocast.
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
-    def load_hook(models, in_dir):
-        while models:
-            models.pop()
-        from safetensors.torch import load_file
-
-        load_superlora_state_dict(superlora, load_file(str(Path(in_dir) / WEIGHT_NAME)))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    def save_weights(path: Path, extra: dict[str, str] | None = None) -> None:
+        save_superlora_file(path, superlora, target_names, extra, overwrite=True)
 
     global_step = 0
     if resume is not None:
         accelerator.load_state(str(resume))
+        superlora.load_state_dict(load_checkpoint_weights(resume / WEIGHT_NAME))
         global_step = json.loads((resume / STATE_FILE).read_text())["global_step"]
         logger.info("resumed from %s at step %d", resume, global_step)
     if accelerator.is_main_process and report_to:
@@ -314,7 +305,8 @@ def train(args: argparse.Namespace) -> Path:
                     hidden = encode_prompts(tokenizer, text_encoder, prompts)
                 else:
                     hidden = torch.stack([fixed_embeds[p] for p in prompts]).to(device)
-                pred = unet(noisy, timesteps, hidden).sample
+                with accelerator.autocast():
+                    pred = unet(noisy, timesteps, hidden).sample
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
@@ -341,6 +333,9 @@ def train(args: argparse.Namespace) -> Path:
                         f"({where}). Lower --learning_rate or use --mixed_precision bf16/no."
                     )
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and accelerator.num_processes > 1:
+                    for p in params:
+                        p.grad = accelerator.reduce(p.grad, "mean")
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -355,9 +350,10 @@ def train(args: argparse.Namespace) -> Path:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
-                last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
+                                                  save_weights)
             if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                validate(args, accelerator, path, (tokenizer, text_encoder, vae, accelerator.unwrap_model(unet)),
+                validate(args, accelerator, path, (tokenizer, text_encoder, vae, unet),
                          noise_scheduler, resolution, global_step, superlora)
                 for m in trainable:
                     m.train()
@@ -368,15 +364,22 @@ def train(args: argparse.Namespace) -> Path:
     weights = output_dir / WEIGHT_NAME
     if accelerator.is_main_process:
         logger.info("trained %d steps in %.0f s", global_step, time.time() - t0)
-        save_superlora_file(superlora, weights, overwrite=True, extra_metadata={
-            "instance_prompt": args.instance_prompt, "base_model": str(args.pretrained_model_name_or_path)})
+        save_weights(weights, {"instance_prompt": args.instance_prompt,
+                               "base_model": str(args.pretrained_model_name_or_path)})
         final_validation(args, accelerator, path, weights, resolution, n_params, lora1, config)
     accelerator.end_training()
     return weights
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
-    """accelerate state + our step counter, written to a temp dir and renamed into place (atomic)."""
+def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    from .serialization import parse_superlora, read_superlora_file
+
+    return parse_superlora(*read_superlora_file(path), source=repr(str(path))).state_dict
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, save_weights) -> Path:
+    """accelerate state (optimizer, scheduler, RNG) + the factors + our step counter, written to a temp
+    dir and renamed into place (atomic)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -384,6 +387,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
+        save_weights(tmp / WEIGHT_NAME)
         (tmp / STATE_FILE).write_text(json.dumps({"global_step": step}))
         if final.exists():
             shutil.rmtree(final)

@@ -1,0 +1,289 @@
+"""Injection: every adapted projection reads its slice of the ΔW that one shared SuperLoRA generates.
+
+Each model forward (UNet or text encoder) starts with a pre-hook on that component: it reads the call's
+scale, and in training marks the ΔW stale so the next adapted layer regenerates the WHOLE super-vector
+once, with autograd; at inference the ΔW is cached until a factor changes, so a 25-step denoising loop
+generates it once. Every adapted projection then computes `x·(W + s·ΔW_l)ᵀ + b`.
+
+Why the projections and not attention processors: diffusers' processor-based LoRA was dropped because
+every processor swap (`set_attn_processor`, xformers, slicing) silently lost it, and CLIP has no processor
+hook (anchors §1). Patching the `nn.Linear` layers the processors call keeps the adapter under SDPA,
+xformers, sliced and user-set processors, on the UNet and on CLIP alike. The one processor that skips
+those layers (`fuse_qkv_projections`' fused one) is detected and refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SuperLoRAConfig
+from .layout import Shape
+from .superlora import SuperLoRA
+from .targets import Target, find_targets
+
+
+@dataclass
+class Adapter:
+    """One named SuperLoRA: its generator module and the ordered names of the weights it adapts."""
+
+    module: SuperLoRA
+    targets: list[str]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config(self) -> SuperLoRAConfig:
+        return self.module.config
+
+
+class AdaptedLinear:
+    """The patched forward of one adapted `nn.Linear`: base weight plus the summed ΔW of its adapters."""
+
+    def __init__(self, model: "SuperLoRAModel", target: Target, parent: nn.Module | None) -> None:
+        self.model, self.name, self.linear, self.parent = model, target.name, target.module, parent
+        self.component = target.component
+        self.slots: dict[str, int] = {}  # adapter name -> index of this weight in that adapter's ΔW list
+        self.linear.forward = self.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.model.delta_for(self)
+        weight = self.linear.weight if delta is None else self.linear.weight + delta.to(self.linear.weight.dtype)
+        return F.linear(x, weight, self.linear.bias)
+
+    def remove(self) -> None:
+        del self.linear.forward  # back to nn.Linear.forward
+
+
+class SuperLoRAModel:
+    """The SuperLoRA adapters of one set of components (a pipeline's UNet and text encoders).
+
+    Like peft's tuner models: it injects, holds named adapters and their weights, enables/disables,
+    fuses/unfuses, and removes itself. It lives on the UNet as `unet._superlora` so every pipeline that
+    shares the UNet sees it.
+    """
+
+    def __init__(self, components: dict[str, nn.Module]) -> None:
+        self.components = {k: v for k, v in components.items() if v is not None}
+        self.adapters: dict[str, Adapter] = {}
+        self.weights: dict[str, float] = {}  # active adapters -> weight
+        self.enabled = True
+        self.layers: dict[str, AdaptedLinear] = {}
+        self.originals: dict[str, torch.Tensor] | None = None  # base weights while fused (exact unfuse)
+        self.scales = {name: 1.0 for name in self.components}  # call-time scale per component
+        self.generations = 0  # how many times a whole ΔW was generated (tests count it)
+        self._deltas: dict[str, list[torch.Tensor]] = {}
+        self._cache_key: tuple | None = None
+        self._hooks = [
+            module.register_forward_pre_hook(self._pre_forward(name), with_kwargs=True)
+            for name, module in self.components.items()
+        ]
+
+    # ---- adapters -----------------------------------------------------------------------------------
+    def add_adapter(self, name: str, module: SuperLoRA, targets: list[Target], metadata: dict[str, str] | None = None,
+                    weight: float = 1.0) -> None:
+        """Inject `module` (already built for `targets`' shapes) under `name` and activate it."""
+        if name in self.adapters:
+            raise ValueError(f"adapter name {name!r} is already loaded; pass another adapter_name or unload it first.")
+        if self.originals is not None:
+            raise ValueError("a SuperLoRA is fused; call unfuse_superlora() before loading another adapter.")
+        parents = {t.name: self._parent_attention(t) for t in targets}
+        for index, target in enumerate(targets):
+            layer = self.layers.get(target.name)
+            if layer is None:
+                layer = self.layers[target.name] = AdaptedLinear(self, target, parents[target.name])
+            layer.slots[name] = index
+        self.adapters[name] = Adapter(module, [t.name for t in targets], dict(metadata or {}))
+        self.weights[name] = weight
+        self._invalidate()
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if self.originals is not None:
+            raise ValueError("a SuperLoRA is fused; call unfuse_superlora() before deleting an adapter.")
+        del self.adapters[name]
+        self.weights.pop(name, None)
+        for layer_name in list(self.layers):
+            layer = self.layers[layer_name]
+            layer.slots.pop(name, None)
+            if not layer.slots:
+                layer.remove()
+                del self.layers[layer_name]
+        self._invalidate()
+
+    def set_adapters(self, names: list[str], weights: list[float]) -> None:
+        for n in names:
+            self._require(n)
+        if len(names) != len(weights):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} weights; pass one weight per adapter.")
+        self.weights = dict(zip(names, (float(w) for w in weights)))
+        self._invalidate()
+
+    def remove(self) -> None:
+        """Restore the components exactly: unfuse, unpatch every layer, drop the hooks."""
+        if self.originals is not None:
+            self.unfuse()
+        for layer in self.layers.values():
+            layer.remove()
+        for hook in self._hooks:
+            hook.remove()
+        self.layers.clear()
+        self.adapters.clear()
+        self._deltas.clear()
+
+    def _require(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ValueError(f"no SuperLoRA adapter named {name!r}; loaded: {sorted(self.adapters) or 'none'}.")
+
+    def _parent_attention(self, target: Target) -> nn.Module | None:
+        path = target.name.split(".", 1)[1]
+        parent_path = path.rsplit(".to_out", 1)[0] if ".to_out." in path else path.rsplit(".", 1)[0]
+        module = self.components[target.component]
+        try:
+            return module.get_submodule(parent_path)
+        except AttributeError:
+            return None
+
+    # ---- the once-per-forward ΔW --------------------------------------------------------------------
+    def _pre_forward(self, component: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if component == "unet":
+                attention_kwargs = kwargs.get("cross_attention_kwargs") or {}
+                self.scales[component] = float(attention_kwargs.get("scale", 1.0))
+                self._check_processors()
+            if torch.is_grad_enabled():
+                self._invalidate()  # training: a fresh autograd graph for every model forward
+        return hook
+
+    def _invalidate(self) -> None:
+        self._deltas, self._cache_key = {}, None
+
+    def _check_processors(self) -> None:
+        if self.originals is not None or not self.enabled:
+            return
+        for layer in self.layers.values():
+            processor = getattr(layer.parent, "processor", None)
+            if processor is not None and "Fused" in type(processor).__name__ and layer.name.endswith(("to_q", "to_k", "to_v")):
+                raise RuntimeError(
+                    f"{layer.name} is bypassed by fused QKV projections ({type(processor).__name__}), so the SuperLoRA "
+                    "would be silently dropped; call pipe.unfuse_qkv_projections(), or pipe.fuse_superlora() first."
+                )
+
+    def _state_key(self) -> tuple:
+        return tuple(
+            (name, p.data_ptr(), p._version)
+            for name in sorted(self.weights) for p in self.adapters[name].module.parameters()
+        )
+
+    def deltas(self, name: str) -> list[torch.Tensor]:
+        """ΔW of every target of adapter `name` (scaled by alpha/rank), generated at most once per forward."""
+        if not torch.is_grad_enabled():
+            key = self._state_key()  # inference: reuse until a factor changes (in place or by .to())
+            if key != self._cache_key:
+                self._deltas, self._cache_key = {}, key
+        elif self._cache_key is not None:  # never train through a ΔW generated without autograd
+            self._invalidate()
+        if name not in self._deltas:
+            adapter = self.adapters[name]
+            layer = self.layers[adapter.targets[0]]
+            device = layer.linear.weight.device
+            if next(adapter.module.parameters()).device != device:
+                adapter.module.to(device)  # follows pipe.to(...): the factors keep their own dtype
+            self._deltas[name] = adapter.module()
+            self.generations += 1
+        return self._deltas[name]
+
+    def delta_for(self, layer: AdaptedLinear) -> torch.Tensor | None:
+        """The ΔW this layer adds now: Σ_adapters weight · call scale · ΔW, or None when nothing applies."""
+        if not self.enabled or self.originals is not None:
+            return None
+        scale = self.scales.get(layer.component, 1.0)
+        total = None
+        for name, index in layer.slots.items():
+            weight = self.weights.get(name, 0.0) * scale
+            if weight == 0.0:
+                continue
+            delta = self.deltas(name)[index]
+            delta = delta if weight == 1.0 else delta * weight
+            total = delta if total is None else total + delta
+        return total
+
+    @contextlib.contextmanager
+    def text_scale(self, scale: float | None) -> Iterator[None]:
+        """Scale the text encoders' ΔW for one `encode_prompt` call (diffusers passes `lora_scale` there)."""
+        saved = {c: self.scales[c] for c in self.scales if c != "unet"}
+        for c in saved:
+            self.scales[c] = 1.0 if scale is None else float(scale)
+        try:
+            yield
+        finally:
+            self.scales.update(saved)
+
+    # ---- fusing -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fuse(self, scale: float = 1.0) -> None:
+        """Add scale · ΔW into the base weights; keep the originals (CPU, own dtype) for an exact unfuse."""
+        if self.originals is not None:
+            raise ValueError("a SuperLoRA is already fused; call unfuse_superlora() first.")
+        saved_scales = dict(self.scales)
+        self.scales = {c: float(scale) for c in self.scales}
+        try:
+            updates = {name: self.delta_for(layer) for name, layer in self.layers.items()}
+        finally:
+            self.scales = saved_scales
+        originals = {}
+        for name, delta in updates.items():
+            if delta is None:
+                continue
+            weight = self.layers[name].linear.weight
+            originals[name] = weight.detach().to("cpu", copy=True)
+            weight.add_(delta.to(weight.dtype))
+        self.originals = originals
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        if self.originals is None:
+            raise ValueError("no SuperLoRA is fused; nothing to unfuse.")
+        for name, original in self.originals.items():
+            weight = self.layers[name].linear.weight
+            weight.copy_(original.to(weight.device))
+        self.originals = None
+        self._invalidate()
+
+
+def get_superlora_model(components: dict[str, nn.Module], create: bool = False) -> SuperLoRAModel | None:
+    """The `SuperLoRAModel` attached to these components' UNet (created on demand)."""
+    unet = components.get("unet")
+    if unet is None:
+        raise ValueError("SuperLoRA needs a pipeline with a UNet (components 'unet' and text encoders).")
+    model = getattr(unet, "_superlora", None)
+    if model is None and create:
+        model = SuperLoRAModel(components)
+        unet._superlora = model
+    return model
+
+
+def target_shapes(components: dict[str, nn.Module], target_modules: str | list[str]) -> list[Shape]:
+    return [t.shape for t in find_targets(components, target_modules)]
+
+
+def inject_superlora(components: dict[str, nn.Module], config: SuperLoRAConfig, adapter_name: str = "default",
+                     metadata: dict[str, str] | None = None) -> SuperLoRA:
+    """Build a fresh (ΔW = 0) SuperLoRA for `config.target_modules` and inject it; returns the trainable module."""
+    targets = find_targets(components, config.target_modules)
+    module = SuperLoRA(config, [t.shape for t in targets])
+    device = targets[0].module.weight.device
+    module.to(device)
+    get_superlora_model(components, create=True).add_adapter(adapter_name, module, targets, metadata)
+    return module
+
+
+def remove_superlora(components: dict[str, nn.Module]) -> None:
+    model = get_superlora_model(components)
+    if model is not None:
+        model.remove()
+        del components["unet"]._superlora

@@ -1,0 +1,126 @@
+"""Which weights a SuperLoRA adapts: presets and module-name patterns, in one deterministic order.
+
+A target is an `nn.Linear` named by its component and path, e.g.
+`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` or
+`text_encoder.text_model.encoder.layers.0.self_attn.q_proj`. The order (components in `COMPONENTS`
+order, then `named_modules()` order) fixes where each weight sits in the super-vector, so it is
+recorded in the adapter file and checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .layout import Shape
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+TEXT_PROJECTION = re.compile(r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)")
+PRESETS = {
+    "unet": "every UNet attention projection (self- and cross-attention)",
+    "unet-cross": "the UNet's cross-attention projections only",
+    "text": "the text encoders' attention projections only",
+    "unet+text": "every UNet attention projection and the text encoders' attention",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # "<component>.<module path>"
+    module: nn.Linear
+
+    @property
+    def component(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def shape(self) -> Shape:
+        return (self.module.out_features, self.module.in_features)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain layer under peft's wrappers (a LoRA loaded with `load_lora_weights` wraps `to_q` etc.)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return type(module).__name__ == "Attention" and hasattr(module, "to_q")
+
+
+def _unet_candidates(unet: nn.Module, cross_only: bool) -> list[tuple[str, nn.Module]]:
+    found = []
+    for path, module in unet.named_modules():
+        if not _is_attention(module) or (cross_only and not module.is_cross_attention):
+            continue
+        for proj in UNET_PROJECTIONS:
+            sub = module.get_submodule(proj) if _has_submodule(module, proj) else None
+            if sub is not None:
+                found.append((f"{path}.{proj}", unwrap(sub)))
+    return found
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        return module.get_submodule(path) is not None
+    except AttributeError:
+        return False
+
+
+def _plain_linears(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every nn.Linear by its user-facing path (peft's own sub-layers skipped, wrapped layers unwrapped)."""
+    found = []
+    for path, sub in module.named_modules():
+        if ".base_layer" in path or ".lora_" in path:
+            continue
+        layer = unwrap(sub)
+        if isinstance(layer, nn.Linear):
+            found.append((path, layer))
+    return found
+
+
+def find_targets(components: dict[str, nn.Module], target_modules: str | list[str]) -> list[Target]:
+    """The adapted layers for a preset name or a list of patterns, in super-vector order.
+
+    A pattern matches a qualified name as a regex (`re.fullmatch`) or as a suffix after a dot, as peft's
+    `target_modules` does ("to_q" matches every `...to_q`).
+    """
+    ordered = [(c, components[c]) for c in COMPONENTS if components.get(c) is not None]
+    candidates: list[tuple[str, nn.Module]] = []
+    if isinstance(target_modules, str):
+        if target_modules not in PRESETS:
+            raise ValueError(
+                f"target_modules={target_modules!r} is not a preset ({', '.join(PRESETS)}); pass a preset or a "
+                "list of module-name patterns."
+            )
+        for component, module in ordered:
+            if component == "unet" and target_modules != "text":
+                candidates += [(f"unet.{p}", m) for p, m in _unet_candidates(module, target_modules == "unet-cross")]
+            if component in TEXT_ENCODERS and target_modules in ("text", "unet+text"):
+                candidates += [(f"{component}.{p}", m) for p, m in _plain_linears(module) if TEXT_PROJECTION.fullmatch(p)]
+    else:
+        patterns = [re.compile(p) for p in target_modules]
+        for component, module in ordered:
+            for path, layer in _plain_linears(module):
+                name = f"{component}.{path}"
+                if any(p.fullmatch(name) or name.endswith("." + p.pattern) for p in patterns):
+                    candidates.append((name, layer))
+    if not candidates:
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no linear layer of {[c for c, _ in ordered]}; check the "
+            "names with `[n for n, _ in pipe.unet.named_modules()]`."
+        )
+    return [Target(name, layer) for name, layer in candidates]
+
+
+def fingerprint(names_and_shapes: list[tuple[str, Shape]]) -> str:
+    """A short hash of the ordered target names and shapes: two bases with equal fingerprints fit the same files."""
+    payload = json.dumps([[n, int(o), int(i)] for n, (o, i) in names_and_shapes], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

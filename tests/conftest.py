@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny, randomly initialised Stable Diffusion pipeline built from configs (no hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer with a byte-level vocabulary and no merges (every word spelt out): tiny and offline."""
+    from transformers import CLIPTokenizer
+
+    from superlora_diffusers.toy.tokenizer import _bytes_to_unicode
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=32,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                         pad_token="<|endoftext|>")
+
+
+def tiny_components(seed: int = 0, cross_attention_dim: int = 32) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), latent_channels=4,
+        norm_num_groups=16, sample_size=16,
+    )
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cross_attention_dim, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=32, bos_token_id=len(tokenizer) - 2,
+        eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_pipeline(seed: int = 0):
+    import superlora_diffusers  # noqa: F401  (attaches the verbs)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_components(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt: str = "a photo of sks star", seed: int = 0, steps: int = 2, **kwargs) -> torch.Tensor:
+    """Images as a float tensor (no PIL rounding), so tiny differences stay visible."""
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=3.0, height=16, width=16, output_type="pt",
+               generator=torch.Generator().manual_seed(seed), **kwargs)
+    return out.images
+
+
+@pytest.fixture
+def pipe():
+    return tiny_pipeline()
