@@ -1,0 +1,353 @@
+"""diffusers integration: targets, once-per-forward ΔW, the verbs, the file format, and diffusers' traps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import generate, tiny_pipeline
+
+from superlora_diffusers import SuperLoRAConfig, SuperLoRAFileError, find_targets
+from superlora_diffusers.model import get_superlora_model, inject_superlora
+
+TUCKER = SuperLoRAConfig.lorta(fold=3, groups=2, rank=3, target_modules="unet+text")
+
+
+def add_random_adapter(pipe, config: SuperLoRAConfig = TUCKER, seed: int = 0, name: str = "default", std: float = 0.3):
+    """Inject a SuperLoRA and give it non-zero factors, as if trained."""
+    module = inject_superlora(pipe._superlora_components(), config, adapter_name=name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    pipe._wrap_encode_prompt(get_superlora_model(pipe._superlora_components()))
+    return module
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    pipe = tiny_pipeline()
+    add_random_adapter(pipe)
+    out = tmp_path / "adapter"
+    pipe.save_superlora_weights(out, metadata={"instance_prompt": "a photo of sks star"})
+    return out, generate(pipe)
+
+
+# ---- targets ------------------------------------------------------------------------------------
+def test_target_presets_and_patterns(pipe):
+    comps = pipe._superlora_components()
+    unet = find_targets(comps, "unet")
+    assert len(unet) == 32 and all(t.name.startswith("unet.") for t in unet)
+    assert {t.name.rsplit(".", 1)[-1] for t in unet} == {"to_q", "to_k", "to_v", "0"}
+    cross = find_targets(comps, "unet-cross")
+    assert len(cross) == 16 and all(".attn2." in t.name for t in cross)
+    text = find_targets(comps, "text")
+    assert len(text) == 8 and all(t.name.startswith("text_encoder.") for t in text)
+    both = find_targets(comps, "unet+text")
+    assert [t.name for t in both] == [t.name for t in unet] + [t.name for t in text]  # deterministic order
+    suffix = find_targets(comps, ["to_q"])
+    assert len(suffix) == 8 and all(t.name.endswith(".to_q") for t in suffix)
+    regex = find_targets(comps, [r"unet\..*attn2\.to_(k|v)"])
+    assert len(regex) == 8 and regex[0].shape == (32, 32)
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        find_targets(comps, ["nothing_like_this"])
+    with pytest.raises(ValueError, match="not a preset"):
+        find_targets(comps, "everything")
+
+
+# ---- the shared ΔW, generated once per forward ------------------------------------------------------
+def test_delta_is_generated_once_per_pipeline_call_and_per_training_forward(pipe):
+    add_random_adapter(pipe)
+    model = get_superlora_model(pipe._superlora_components())
+    model.generations = 0
+    generate(pipe, steps=3)  # CFG: 3 UNet forwards on a batch of 2, plus the text encoder
+    assert model.generations == 1
+    generate(pipe, steps=3)  # nothing changed: the cache still holds
+    assert model.generations == 1
+
+    unet = pipe.unet
+    sample, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+    model.generations = 0
+    loss = unet(sample, 10, hidden).sample.square().mean() + unet(sample, 20, hidden).sample.square().mean()
+    assert model.generations == 2  # with autograd: one fresh generation per model forward, not per layer
+    loss.backward()
+    adapter = model.adapters["default"].module
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    with torch.no_grad():
+        next(adapter.parameters()).add_(0.1)  # an optimizer step changes the factors: the cache must notice
+    model.generations = 0
+    generate(pipe, steps=2)
+    assert model.generations == 1
+
+
+def test_call_scale_zero_is_the_base_and_scale_interpolates(saved_adapter):
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    pipe.load_superlora_weights(path)
+    assert torch.equal(generate(pipe), adapted)
+    assert torch.equal(generate(pipe, cross_attention_kwargs={"scale": 0.0}), base)  # UNet and text encoder
+    half = generate(pipe, cross_attention_kwargs={"scale": 0.5})
+    assert not torch.allclose(half, base) and not torch.allclose(half, adapted)
+
+
+# ---- the verbs ----------------------------------------------------------------------------------
+def test_save_load_round_trip_and_file_format(saved_adapter, tmp_path):
+    path, adapted = saved_adapter
+    file = path / "superlora_weights.safetensors"
+    assert file.stat().st_size < 12_000  # a few hundred factors: a few KB, no projection or permutation stored
+    pipe = tiny_pipeline()
+    name = pipe.load_superlora_weights(path)
+    assert name == "default_0"
+    assert torch.equal(generate(pipe), adapted)
+
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "superlora" and meta["format_version"] == "1"
+    assert SuperLoRAConfig.from_dict(json.loads(meta["config"])) == TUCKER
+    targets = json.loads(meta["targets"])
+    assert len(targets) == 40 and targets[0][1:] == [32, 32]
+    assert meta["instance_prompt"] == "a photo of sks star" and meta["library_version"]
+
+    # state dict + metadata, and saving again refuses to overwrite unless asked
+    state, metadata = pipe.superlora_state_dict(path)
+    other = tiny_pipeline()
+    other.load_superlora_weights(state, metadata=metadata, adapter_name="dog")
+    assert torch.equal(generate(other), adapted)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        other.save_superlora_weights(path)
+    before = file.read_bytes()
+    other.save_superlora_weights(path, overwrite=True)
+    assert sorted(p.name for p in path.iterdir()) == ["superlora_weights.safetensors"]  # no temp files left
+    assert other.superlora_state_dict(path)[0].keys() == state.keys() and len(file.read_bytes()) == len(before)
+
+
+def test_info_reports_counts_bytes_and_the_lora_comparison(saved_adapter):
+    path, _ = saved_adapter
+    pipe = tiny_pipeline()
+    pipe.load_superlora_weights(path)
+    info = pipe.get_superlora_info()
+    assert info["num_parameters"] == sum(p.numel() for p in get_superlora_model(
+        pipe._superlora_components()).adapters["default_0"].module.parameters())
+    assert info["file_bytes"] == (path / "superlora_weights.safetensors").stat().st_size
+    assert info["config"]["factorization"] == "tucker" and len(info["targets"]) == 40
+    # r·Σ(d_out + d_in): 3 attention blocks at width 32 (8 projections of 32x32), the mid block at 64 (attn1
+    # 4 x 64x64; attn2 q, out 64x64 and k, v 64x32), 8 text projections of 32x32
+    assert info["lora_rank1_parameters"] == 3 * 8 * 64 + (6 * 128 + 2 * 96) + 8 * 64 == 3008
+    assert info["metadata"]["instance_prompt"] == "a photo of sks star"
+
+
+def test_fuse_unfuse_and_unload_restore_the_base_bit_for_bit(saved_adapter):
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    originals = {k: v.clone() for k, v in {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}.items()}
+    pipe.load_superlora_weights(path)
+    pipe.fuse_superlora()
+    torch.testing.assert_close(generate(pipe), adapted, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(pipe.unet.state_dict()[
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"], originals[
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
+    with pytest.raises(ValueError, match="already fused"):
+        pipe.fuse_superlora()
+    pipe.unfuse_superlora()
+    now = {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}
+    assert all(torch.equal(now[k], v) for k, v in originals.items())
+    assert torch.equal(generate(pipe), adapted)
+    pipe.fuse_superlora(scale=0.5)
+    pipe.unload_superlora_weights()  # unloading a fused adapter unfuses it first
+    now = {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}
+    assert all(torch.equal(now[k], v) for k, v in originals.items())
+    assert torch.equal(generate(pipe), base)
+    assert pipe.get_list_superlora_adapters() == []
+    assert "forward" not in vars(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q)
+
+
+def test_disable_enable(saved_adapter):
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    pipe.load_superlora_weights(path)
+    pipe.disable_superlora()
+    assert torch.equal(generate(pipe), base)
+    pipe.enable_superlora()
+    assert torch.equal(generate(pipe), adapted)
+
+
+def test_several_named_adapters_mix_with_weights(tmp_path):
+    pipe = tiny_pipeline()
+    a = add_random_adapter(pipe, seed=1, name="a")
+    b = add_random_adapter(pipe, SuperLoRAConfig.lora(rank=2, target_modules="unet-cross"), seed=2, name="b", std=0.2)
+    model = get_superlora_model(pipe._superlora_components())
+    assert pipe.get_active_superlora_adapters() == {"a": 1.0, "b": 1.0}
+    pipe.set_superlora_adapters(["a", "b"], [0.7, 0.4])
+    with torch.no_grad():
+        da, db = a(), b()
+        name_b = model.adapters["b"].targets[0]
+        layer = model.layers[name_b]
+        expected = 0.7 * da[layer.slots["a"]] + 0.4 * db[0]
+        torch.testing.assert_close(model.delta_for(layer), expected)
+        only_a = model.layers[model.adapters["a"].targets[0]]  # a self-attention layer: adapter a only
+        torch.testing.assert_close(model.delta_for(only_a), 0.7 * da[0])
+    mixed = generate(pipe)
+    pipe.set_superlora_adapters("a")
+    only = generate(pipe)
+    assert not torch.allclose(mixed, only)
+    pipe.delete_superlora_adapters("b")
+    assert pipe.get_list_superlora_adapters() == ["a"] and torch.equal(generate(pipe), only)
+    with pytest.raises(ValueError, match="no SuperLoRA adapter named 'b'"):
+        pipe.set_superlora_adapters(["b"])
+
+
+# ---- diffusers' historical traps ------------------------------------------------------------------
+def test_attention_processor_swaps_keep_the_adapter(saved_adapter):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    pipe.load_superlora_weights(path)
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    assert torch.equal(generate(pipe), adapted)
+    pipe.unet.set_attn_processor(AttnProcessor())
+    torch.testing.assert_close(generate(pipe), adapted, atol=1e-5, rtol=1e-4)
+    pipe.enable_attention_slicing(1)
+    out = generate(pipe)
+    torch.testing.assert_close(out, adapted, atol=1e-5, rtol=1e-4)
+    assert (out - base).abs().max() > 1e-3
+
+
+def test_fused_qkv_projections_raise_instead_of_dropping_the_adapter(saved_adapter):
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline()
+    pipe.load_superlora_weights(path)
+    pipe.fuse_qkv_projections()
+    with pytest.raises(RuntimeError, match="fuse_superlora"):
+        generate(pipe)
+    pipe.unfuse_qkv_projections()
+    assert torch.equal(generate(pipe), adapted)
+    # fusing the SuperLoRA first bakes it into the weights that fuse_qkv_projections concatenates
+    pipe.fuse_superlora()
+    pipe.fuse_qkv_projections()
+    torch.testing.assert_close(generate(pipe), adapted, atol=1e-4, rtol=1e-3)
+    with pytest.raises(RuntimeError, match="unfuse_qkv_projections"):
+        pipe.unfuse_superlora()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers kernels need CUDA (run on the GPU machine)")
+def test_xformers_keeps_the_adapter(saved_adapter):
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline().to("cuda")
+    pipe.load_superlora_weights(path)
+    ref = generate(pipe)
+    pipe.enable_xformers_memory_efficient_attention()
+    torch.testing.assert_close(generate(pipe), ref, atol=1e-3, rtol=1e-3)
+
+
+def test_a_peft_lora_works_side_by_side(saved_adapter):
+    from superlora_diffusers.export import to_lora_state_dict
+
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    g = torch.Generator().manual_seed(5)
+    deltas = {t.name: torch.randn(t.shape, generator=g) * 0.05 for t in find_targets(pipe._superlora_components(), "unet")}
+    lora_sd, _ = to_lora_state_dict(deltas, rank=2)
+    pipe.load_lora_weights(lora_sd, adapter_name="plain")
+    lora_only = generate(pipe)
+    pipe.load_superlora_weights(path)
+    both = generate(pipe)
+    assert not torch.allclose(both, lora_only) and not torch.allclose(both, adapted)
+    pipe.unload_superlora_weights()
+    assert torch.equal(generate(pipe), lora_only)
+    pipe.unload_lora_weights()
+    assert torch.equal(generate(pipe), base)
+
+    # the other order: SuperLoRA first, then the LoRA wraps the already adapted layers
+    pipe.load_superlora_weights(path)
+    pipe.load_lora_weights(lora_sd, adapter_name="plain")
+    torch.testing.assert_close(generate(pipe), both, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_preset_equals_the_equivalent_peft_lora():
+    config = SuperLoRAConfig.lora(rank=2, target_modules="unet")
+    pipe = tiny_pipeline()
+    module = add_random_adapter(pipe, config, seed=3, std=0.2)
+    ours = generate(pipe)
+    model = get_superlora_model(pipe._superlora_components())
+    state = {}
+    for i, name in enumerate(model.adapters["default"].targets):
+        state[f"{name}.lora_A.weight"] = module.blocks[i].lora_A[0].detach().clone()
+        state[f"{name}.lora_B.weight"] = module.blocks[i].lora_B[0].detach().clone()
+    reference = tiny_pipeline()
+    reference.load_lora_weights(state, adapter_name="peft")
+    torch.testing.assert_close(generate(reference), ours, atol=1e-5, rtol=1e-4)
+
+
+# ---- bad input: one clear line, pipeline untouched -----------------------------------------------
+def _unchanged(pipe, base):
+    assert get_superlora_model(pipe._superlora_components()) is None or not pipe.get_list_superlora_adapters()
+    assert torch.equal(generate(pipe), base)
+
+
+def test_wrong_base_model_names_the_module_and_both_shapes(saved_adapter):
+    from conftest import tiny_components
+    from diffusers import StableDiffusionPipeline
+
+    path, _ = saved_adapter
+    other = StableDiffusionPipeline(**tiny_components(cross_attention_dim=48))
+    other.set_progress_bar_config(disable=True)
+    base = generate(other)
+    with pytest.raises(SuperLoRAFileError, match=r"another base model: unet\..*attn2\.to_k is 32x48 here but 32x32 in the file"):
+        other.load_superlora_weights(path)
+    _unchanged(other, base)
+
+
+def test_bad_files_are_refused_before_touching_the_pipeline(saved_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _ = saved_adapter
+    file = path / "superlora_weights.safetensors"
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(SuperLoRAFileError, match="truncated or corrupt"):
+        pipe.load_superlora_weights(truncated)
+
+    lora = tmp_path / "lora.safetensors"
+    save_file({"unet.down_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32)}, str(lora))
+    with pytest.raises(SuperLoRAFileError, match="load_lora_weights"):
+        pipe.load_superlora_weights(lora)
+
+    state = load_file(str(file))
+    state_dict, meta = pipe.superlora_state_dict(path)
+    plain = tmp_path / "plain.safetensors"
+    save_file(state, str(plain))
+    with pytest.raises(SuperLoRAFileError, match="no SuperLoRA header"):
+        pipe.load_superlora_weights(plain)
+
+    newer = tmp_path / "newer.safetensors"
+    save_file(state, str(newer), metadata={**meta, "format_version": "99"})
+    with pytest.raises(SuperLoRAFileError, match="newer than this library"):
+        pipe.load_superlora_weights(newer)
+
+    damaged = tmp_path / "damaged.safetensors"
+    save_file({k: v[..., :1].contiguous() for k, v in state.items()}, str(damaged), metadata=meta)
+    with pytest.raises(SuperLoRAFileError, match="damaged"):
+        pipe.load_superlora_weights(damaged)
+
+    with pytest.raises(SuperLoRAFileError, match="not found"):
+        pipe.load_superlora_weights(tmp_path / "missing" / "x.safetensors")
+    with pytest.raises(SuperLoRAFileError, match="metadata="):
+        pipe.load_superlora_weights(state_dict)
+    _unchanged(pipe, base)
+
+    pipe.load_superlora_weights(path, adapter_name="dog")
+    with pytest.raises(ValueError, match="already loaded"):
+        pipe.load_superlora_weights(path, adapter_name="dog")
+    assert pipe.get_list_superlora_adapters() == ["dog"]
