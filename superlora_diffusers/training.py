@@ -148,7 +148,8 @@ def sample_latents(stats: torch.Tensor, idx: list[int], generator: torch.Generat
     return mean + std * torch.randn(mean.shape, generator=generator)
 
 
-def train(args: argparse.Namespace) -> Path:
+def train(args: argparse.Namespace, on_step=None) -> Path:
+    """Run the DreamBooth loop; `on_step(step, max_steps, loss)`, if given, is called after every optimizer step."""
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     check_output_dir(output_dir, args.overwrite_output_dir, resume is not None)
@@ -162,12 +163,18 @@ def train(args: argparse.Namespace) -> Path:
     from .model import get_superlora_model, inject_superlora, target_shapes
     from .serialization import save_superlora_file
     report_to = None if args.report_to == "none" else args.report_to
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
+        # several processes without CUDA: accelerate needs cpu=True to pick gloo (`accelerate launch --multi_gpu`)
+        cpu=world_size > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
+    if accelerator.num_processes != world_size:
+        raise TrainingError(f"launched {world_size} processes but accelerate sees {accelerator.num_processes}; "
+                            "on CPU use `accelerate launch --multi_gpu --num_processes N`.")
     if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
         raise TrainingError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU.")
     if args.allow_tf32 and torch.cuda.is_available():
@@ -328,6 +335,7 @@ def train(args: argparse.Namespace) -> Path:
                 bad = accelerator.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device), "sum")
                 if bad.item() > 0:
                     where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+                    progress.close()
                     raise TrainingError(
                         f"loss became NaN/inf at step {global_step + 1}; stopped without updating the weights "
                         f"({where}). Lower --learning_rate or use --mixed_precision bf16/no."
@@ -349,6 +357,8 @@ def train(args: argparse.Namespace) -> Path:
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
+            if on_step is not None:
+                on_step(global_step, max_steps, logs["loss"])
             if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
                 last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                                                   save_weights)
@@ -361,6 +371,12 @@ def train(args: argparse.Namespace) -> Path:
             break
     progress.close()
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:  # averaged gradients keep every replica identical: check it
+        flat = torch.cat([p.detach().reshape(-1) for p in params]).to(device)
+        replicas = accelerator.gather(flat[None])
+        if not torch.equal(replicas.min(0).values, replicas.max(0).values):
+            raise TrainingError("the SuperLoRA factors differ between processes; gradients were not synchronised.")
+        logger.info("factors identical on all %d processes", accelerator.num_processes)
     weights = output_dir / WEIGHT_NAME
     if accelerator.is_main_process:
         logger.info("trained %d steps in %.0f s", global_step, time.time() - t0)
