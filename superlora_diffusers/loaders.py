@@ -49,13 +49,11 @@ class SuperLoRALoaderMixin:
         components = self._superlora_components()
         targets = []
         for name, shape in parsed.targets:
-            component, _, path = name.partition(".")
-            try:
-                layer = unwrap(components[component].get_submodule(path))
-            except (KeyError, AttributeError):
+            layer = _find_layer(components, name)
+            if layer is None:
                 raise SuperLoRAFileError(
                     f"{source} adapts {name}, which this pipeline does not have; it was trained for another base model."
-                ) from None
+                )
             have = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
             if have != tuple(shape):
                 raise SuperLoRAFileError(
@@ -212,6 +210,19 @@ class SuperLoRALoaderMixin:
                 return original(self, *args, **kwargs)
 
         self.encode_prompt = encode_prompt
+
+
+def _find_layer(components: dict[str, torch.nn.Module], name: str) -> torch.nn.Module | None:
+    """The layer a target name points to; CLIP paths with and without `text_model.` (transformers 4 vs 5) both match."""
+    component, _, path = name.partition(".")
+    if component not in components:
+        return None
+    for candidate in (path, path.removeprefix("text_model."), "text_model." + path):
+        try:
+            return unwrap(components[component].get_submodule(candidate))
+        except AttributeError:
+            continue
+    return None
 
 
 _HEADER_FIELDS = {"format", "format_version", "config", "targets", "base_fingerprint", "library_version", "num_parameters"}

@@ -351,3 +351,23 @@ def test_bad_files_are_refused_before_touching_the_pipeline(saved_adapter, tmp_p
     with pytest.raises(ValueError, match="already loaded"):
         pipe.load_superlora_weights(path, adapter_name="dog")
     assert pipe.get_list_superlora_adapters() == ["dog"]
+
+
+def test_text_encoder_paths_from_transformers_4_still_load(saved_adapter, tmp_path):
+    """transformers 4 named CLIP layers `text_model.encoder...`, transformers 5 `encoder...`: both must load."""
+    from safetensors.torch import save_file
+
+    from superlora_diffusers.targets import fingerprint
+
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline()
+    state, meta = pipe.superlora_state_dict(path)
+    targets = json.loads(meta["targets"])
+    renamed = [[n.replace("text_encoder.", "text_encoder.text_model.", 1) if n.startswith("text_encoder.") else n, o, i]
+               for n, o, i in targets]
+    assert renamed != targets
+    meta = {**meta, "targets": json.dumps(renamed),
+            "base_fingerprint": fingerprint([(n, (o, i)) for n, o, i in renamed])}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=meta)
+    pipe.load_superlora_weights(tmp_path / "old.safetensors")
+    assert torch.equal(generate(pipe), adapted)
