@@ -1,0 +1,596 @@
+"""What the app does, without the layout: one shared pipeline, its adapters, generation, comparison and
+background training. `app/ui.py` wires these methods to Gradio components; tests can call them directly.
+
+Every user mistake raises `UserError` (or the library's `SuperLoRAFileError` / `TrainingError`) with one
+line of text; the UI turns those into `gr.Error` pop-ups and the app keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+import superlora_diffusers  # noqa: F401  (attaches the pipeline verbs)
+from superlora_diffusers import SuperLoRAConfig, SuperLoRAFileError
+from superlora_diffusers.dreambooth import IMAGE_EXTENSIONS, TrainingError, describe, parse_args, superlora_config_from_args
+from superlora_diffusers.serialization import WEIGHT_NAME
+
+logger = logging.getLogger("superlora.app")
+
+# Bounds on what one request may ask for: the UI's sliders stop there and the API refuses beyond.
+MAX_ADAPTERS = 4
+SCALE_RANGE = (-1.0, 2.0)
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_IMAGES = 8
+MAX_SWEEP = 9
+MAX_SWEEP_ROWS = 4
+MAX_SEED = 2**31 - 1
+TRAIN_IMAGES = (3, 10)
+MAX_TRAIN_STEPS = 2000
+MAX_BUDGET = 10_000_000
+DISPLAY_MIN = 256  # small images (the toy model's 32x32) are shown enlarged, pixel for pixel
+SKIP_DIRS = re.compile(r"^(checkpoint-\d+|\..*|__pycache__|logs|instance_images|validation)$")
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+
+class UserError(ValueError):
+    """A bad request, reported in the UI as one line; nothing was changed."""
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---- images ---------------------------------------------------------------------------------------
+def enlarge(image: Image.Image, min_side: int = DISPLAY_MIN) -> Image.Image:
+    """Nearest-neighbour upscale by an integer factor until the short side is >= min_side (exact pixels)."""
+    factor = max(1, math.ceil(min_side / min(image.size)))
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def _font(size: int = 14):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def labeled_grid(rows: list[list[Image.Image]], col_labels: Sequence[str], row_labels: Sequence[str] | None = None,
+                 cell: int = 160) -> Image.Image:
+    """A white sheet: a header of column labels, optional row labels on the left, images enlarged to `cell`."""
+    font = _font(14)
+    pad, head = 6, 24
+    cells = [[enlarge(im, cell) for im in row] for row in rows]
+    w = max(im.width for row in cells for im in row)
+    h = max(im.height for row in cells for im in row)
+    left = (max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(s, font=font) for s in row_labels) + 2 * pad
+            if row_labels else 0)
+    left = int(math.ceil(left))
+    ncols = max(len(r) for r in cells)
+    sheet = Image.new("RGB", (left + ncols * (w + pad) + pad, head + len(cells) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, label in enumerate(col_labels):
+        draw.text((left + pad + j * (w + pad), 5), label, fill="black", font=font)
+    for i, row in enumerate(cells):
+        y = head + i * (h + pad)
+        if row_labels:
+            draw.text((pad, y + h // 2 - 7), row_labels[i], fill="black", font=font)
+        for j, im in enumerate(row):
+            sheet.paste(im, (left + pad + j * (w + pad), y))
+    return sheet
+
+
+def parse_scales(text: str) -> list[float]:
+    """'0, 0.25, 0.5' -> [0.0, 0.25, 0.5], bounded in count and range."""
+    parts = [p for p in re.split(r"[,\s;]+", str(text or "").strip()) if p]
+    if not parts:
+        raise UserError("give the sweep's scales, e.g. 0, 0.25, 0.5, 0.75, 1.0")
+    try:
+        scales = [float(p) for p in parts]
+    except ValueError:
+        raise UserError(f"sweep scales must be numbers separated by commas, got {text!r}") from None
+    if len(scales) > MAX_SWEEP:
+        raise UserError(f"at most {MAX_SWEEP} sweep scales, got {len(scales)}")
+    lo, hi = SCALE_RANGE
+    if any(not math.isfinite(s) or not lo <= s <= hi for s in scales):
+        raise UserError(f"sweep scales must lie in [{lo}, {hi}], got {text!r}")
+    return scales
+
+
+def check_image(path: str | os.PathLike) -> Image.Image:
+    name = Path(path).name
+    if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UserError(f"{name!r} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot read image {name!r} ({type(e).__name__}); remove or replace it") from None
+    if min(image.size) < 8:
+        raise UserError(f"image {name!r} is {image.width}x{image.height}; use images of at least 8x8 pixels")
+    return image
+
+
+def is_superlora_file(path: Path) -> bool:
+    """A cheap header check (no tensors read): lists only SuperLoRA files in the adapter folder."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == "superlora"
+    except Exception:  # noqa: BLE001 (unreadable files are simply not listed)
+        return False
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---- the studio -----------------------------------------------------------------------------------
+@dataclass
+class LoadedAdapter:
+    name: str
+    source: str  # path shown to the user
+    file_size: int
+
+
+class Studio:
+    """One pipeline shared by every request (guarded by a lock), its loaded adapters and the trainer."""
+
+    def __init__(self, base: str = "toy", adapters_dir: str | os.PathLike = "out", device: str | None = None,
+                 pipe=None) -> None:
+        from superlora_diffusers.toy import resolve_base_model
+
+        self.base = base or "toy"
+        self.base_path = resolve_base_model(self.base)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.pipe = pipe if pipe is not None else load_pipeline(self.base_path, self.device)
+        self.lock = threading.RLock()
+        self.loaded: list[LoadedAdapter] = []
+        self.adapters_dir = Path(adapters_dir)
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        unet = self.pipe.unet
+        self.native = int(unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        self.size_multiple = 8
+        self.max_side = max(self.native, min(2048, 8 * self.native))
+        self.trainer = Trainer(self)
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def list_adapter_files(self, max_depth: int = 4) -> list[tuple[str, str]]:
+        """(label, path) of every SuperLoRA file under the adapter folder; checkpoints are skipped."""
+        root = self.adapters_dir
+        found: list[tuple[str, str]] = []
+        if not root.is_dir():
+            return found
+        for dirpath, dirnames, filenames in os.walk(root):
+            depth = len(Path(dirpath).relative_to(root).parts)
+            dirnames[:] = sorted(d for d in dirnames if not SKIP_DIRS.match(d) and depth < max_depth)
+            for f in sorted(filenames):
+                if not f.endswith(".safetensors"):
+                    continue
+                path = Path(dirpath) / f
+                if not is_superlora_file(path):
+                    continue
+                rel = path.relative_to(root)
+                label = str(rel.parent) if f == WEIGHT_NAME and rel.parent != Path(".") else str(rel)
+                found.append((label, str(path)))
+        return sorted(found)
+
+    def _unique_name(self, label: str) -> str:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", label.removesuffix(".safetensors")).strip("-.") or "adapter"
+        taken = {a.name for a in self.loaded}
+        name, i = stem, 2
+        while name in taken:
+            name, i = f"{stem}-{i}", i + 1
+        return name
+
+    def load_adapter(self, path: str | os.PathLike, label: str | None = None) -> str:
+        """Load a SuperLoRA (a file, or a folder holding superlora_weights.safetensors); returns its name."""
+        if not path:
+            raise UserError("pick an adapter from the list (or upload a .safetensors file) first")
+        path = Path(path)
+        file = path / WEIGHT_NAME if path.is_dir() else path
+        shown = label or (path.name if file is path else str(path))
+        if file.suffix != ".safetensors":
+            raise UserError(f"{file.name!r} is not a .safetensors file; a SuperLoRA adapter is one .safetensors file")
+        if not file.is_file():
+            raise UserError(f"{shown!r} does not exist (any more); refresh the adapter list")
+        if len(self.loaded) >= MAX_ADAPTERS:
+            raise UserError(f"at most {MAX_ADAPTERS} adapters at once; remove one first")
+        if any(a.source == str(file) for a in self.loaded):
+            raise UserError(f"{shown!r} is already loaded")
+        with self.lock:
+            name = self._unique_name(label or file.name)
+            try:
+                self.pipe.load_superlora_weights(str(file), adapter_name=name)
+            except SuperLoRAFileError as e:
+                raise UserError(one_line(e).replace(repr(str(file)), repr(shown))) from None
+            self.loaded.append(LoadedAdapter(name, str(file), file.stat().st_size))
+        return name
+
+    def unload_adapter(self, index: int) -> str:
+        with self.lock:
+            if not 0 <= index < len(self.loaded):
+                raise UserError(f"no adapter in slot {index + 1}")
+            adapter = self.loaded.pop(index)
+            self.pipe.delete_superlora_adapters(adapter.name)
+        return adapter.name
+
+    def adapter_info(self) -> list[dict[str, Any]]:
+        rows = []
+        with self.lock:
+            for a in self.loaded:
+                info = self.pipe.get_superlora_info(a.name)
+                try:
+                    config = describe(SuperLoRAConfig.from_dict(info["config"]))
+                except (ValueError, TypeError):
+                    config = str(info["config"])
+                meta = info["metadata"]
+                rows.append({
+                    "name": a.name,
+                    "source": a.source,
+                    "instance_prompt": meta.get("instance_prompt", ""),
+                    "base_model": meta.get("base_model", ""),
+                    "config": config,
+                    "target_modules": info["config"].get("target_modules"),
+                    "num_targets": len(info["targets"]),
+                    "num_parameters": info["num_parameters"],
+                    "file_bytes": a.file_size,
+                    "lora_rank1_parameters": info["lora_rank1_parameters"],
+                    "lora_rank1_ratio": info["lora_rank1_ratio"],
+                })
+        return rows
+
+    # ---- generation -----------------------------------------------------------------------------
+    def check_request(self, prompt: str, steps: Any, guidance: Any, width: Any, height: Any) -> tuple[int, float, int, int]:
+        if not str(prompt or "").strip():
+            raise UserError("write a prompt first")
+        try:
+            steps, guidance, width, height = int(steps), float(guidance), int(width), int(height)
+        except (TypeError, ValueError):
+            raise UserError("steps, guidance, width and height must be numbers") from None
+        if not 1 <= steps <= MAX_STEPS:
+            raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+        if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+            raise UserError(f"guidance scale must be between 0 and {MAX_GUIDANCE}, got {guidance}")
+        m = self.size_multiple
+        for what, v in (("width", width), ("height", height)):
+            if not m <= v <= self.max_side or v % m:
+                raise UserError(f"{what} must be a multiple of {m} between {m} and {self.max_side}, got {v}")
+        return steps, guidance, width, height
+
+    def _seed(self, seed: Any, randomize: bool) -> int:
+        if randomize:
+            return random.randint(0, MAX_SEED)
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError):
+            raise UserError(f"the seed must be a whole number, got {seed!r}") from None
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"the seed must be between 0 and {MAX_SEED}, got {seed}")
+        return seed
+
+    def _activate(self, scales: Sequence[float] | None) -> None:
+        """Switch the loaded adapters on with the slot scales (missing scales: 1.0)."""
+        if not self.loaded:
+            return
+        scales = list(scales or [])
+        weights = []
+        for i in range(len(self.loaded)):
+            s = float(scales[i]) if i < len(scales) and scales[i] is not None else 1.0
+            lo, hi = SCALE_RANGE
+            if not (math.isfinite(s) and lo <= s <= hi):
+                raise UserError(f"adapter scales must lie in [{lo}, {hi}], got {s}")
+            weights.append(s)
+        self.pipe.set_superlora_adapters([a.name for a in self.loaded], weights)
+        self.pipe.enable_superlora()
+
+    def _run(self, prompt: str, negative: str, seeds: Sequence[int], steps: int, guidance: float, width: int,
+             height: int, report: Callable[[], None] | None, scale: float | None = None) -> list[Image.Image]:
+        def on_step(pipe, i, t, kwargs):
+            if report:
+                report()
+            return kwargs
+
+        kwargs: dict[str, Any] = {}
+        if scale is not None and self.loaded:
+            kwargs["cross_attention_kwargs"] = {"scale": float(scale)}
+        out = self.pipe(
+            prompt=prompt, negative_prompt=(negative or None), num_images_per_prompt=len(seeds),
+            num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], callback_on_step_end=on_step,
+            **kwargs,
+        )
+        return list(out.images)
+
+    @staticmethod
+    def _counter(total: int, progress: Progress | None, what: str) -> Callable[[], None]:
+        done = [0]
+
+        def report() -> None:
+            done[0] += 1
+            if progress:
+                progress(min(done[0], total), total, what)
+
+        if progress:
+            progress(0, total, what)
+        return report
+
+    def generate(self, prompt: str, negative: str = "", seed: Any = 0, randomize: bool = False, steps: Any = 20,
+                 guidance: Any = 5.0, width: Any = None, height: Any = None, num_images: Any = 1,
+                 scales: Sequence[float] | None = None, progress: Progress | None = None
+                 ) -> tuple[list[Image.Image], int]:
+        """Images (at the model's size) and the seed used; image i uses seed + i."""
+        steps, guidance, width, height = self.check_request(prompt, steps, guidance, width or self.native,
+                                                            height or self.native)
+        try:
+            n = int(num_images)
+        except (TypeError, ValueError):
+            raise UserError("number of images must be a whole number") from None
+        if not 1 <= n <= MAX_IMAGES:
+            raise UserError(f"number of images must be between 1 and {MAX_IMAGES}, got {n}")
+        seed = self._seed(seed, randomize)
+        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+        with self.lock:
+            self._activate(scales)
+            images = self._run(prompt, negative, seeds, steps, guidance, width, height,
+                               self._counter(steps, progress, "generating"))
+        return images, seed
+
+    def compare(self, prompt: str, negative: str = "", seed: Any = 0, randomize: bool = False, steps: Any = 20,
+                guidance: Any = 5.0, width: Any = None, height: Any = None, scales: Sequence[float] | None = None,
+                progress: Progress | None = None) -> tuple[Image.Image, Image.Image, int]:
+        """(without adapters, with adapters, seed): the same seed and settings, side by side."""
+        steps, guidance, width, height = self.check_request(prompt, steps, guidance, width or self.native,
+                                                            height or self.native)
+        if not self.loaded:
+            raise UserError("load an adapter first: compare shows the same seed without and with it")
+        seed = self._seed(seed, randomize)
+        with self.lock:
+            self._activate(scales)
+            report = self._counter(2 * steps, progress, "comparing")
+            self.pipe.disable_superlora()
+            try:
+                (base,) = self._run(prompt, negative, [seed], steps, guidance, width, height, report)
+            finally:
+                self.pipe.enable_superlora()
+            (adapted,) = self._run(prompt, negative, [seed], steps, guidance, width, height, report)
+        return base, adapted, seed
+
+    def compare_sheet(self, base: Image.Image, adapted: Image.Image, seed: int) -> Image.Image:
+        names = " + ".join(a.name for a in self.loaded)
+        return labeled_grid([[base, adapted]], ["without adapter", f"with {names}"[:40]], cell=max(DISPLAY_MIN, base.width))
+
+    def sweep(self, prompt: str, negative: str = "", seed: Any = 0, randomize: bool = False, steps: Any = 20,
+              guidance: Any = 5.0, width: Any = None, height: Any = None, scales_text: str = "0, 0.25, 0.5, 0.75, 1.0",
+              rows: Any = 1, scales: Sequence[float] | None = None, progress: Progress | None = None
+              ) -> tuple[Image.Image, int, list[float]]:
+        """A grid: one column per call-time scale (multiplying the adapter mix), one row per seed."""
+        steps, guidance, width, height = self.check_request(prompt, steps, guidance, width or self.native,
+                                                            height or self.native)
+        if not self.loaded:
+            raise UserError("load an adapter first: the sweep varies its scale")
+        sweep = parse_scales(scales_text)
+        try:
+            n_rows = int(rows)
+        except (TypeError, ValueError):
+            raise UserError("rows must be a whole number") from None
+        if not 1 <= n_rows <= MAX_SWEEP_ROWS:
+            raise UserError(f"rows (seeds) must be between 1 and {MAX_SWEEP_ROWS}, got {n_rows}")
+        seed = self._seed(seed, randomize)
+        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(n_rows)]
+        columns = []
+        with self.lock:
+            self._activate(scales)
+            report = self._counter(len(sweep) * steps, progress, "sweeping")
+            for s in sweep:
+                columns.append(self._run(prompt, negative, seeds, steps, guidance, width, height, report, scale=s))
+        grid_rows = [[columns[j][i] for j in range(len(sweep))] for i in range(n_rows)]
+        sheet = labeled_grid(grid_rows, [f"scale {s:g}" for s in sweep], [f"seed {s}" for s in seeds],
+                             cell=max(128, width))
+        return sheet, seed, sweep
+
+
+def load_pipeline(path: str, device: str = "cpu"):
+    """The base pipeline for generation, with DPM-Solver++ (good images in ~20 steps)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from superlora_diffusers.toy import load_toy_pipeline
+
+    pipe = load_toy_pipeline(name_or_path=path, device=device)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+# ---- training -------------------------------------------------------------------------------------
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class TrainJob:
+    name: str
+    output_dir: Path
+    instance_prompt: str
+    max_steps: int
+    config: str
+    num_parameters: int
+    state: str = "preparing"  # preparing, training, finishing, done, failed, cancelled
+    step: int = 0
+    loss: float | None = None
+    error: str = ""
+    weights: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("preparing", "training", "finishing")
+
+    def latest_grid(self) -> str | None:
+        """The newest validation grid (the final samples once done)."""
+        samples = self.output_dir / "samples.png"
+        if samples.is_file():
+            return str(samples)
+        grids = sorted((self.output_dir / "validation").glob("step-*.png"))
+        return str(grids[-1]) if grids else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "state": self.state, "step": self.step, "max_steps": self.max_steps,
+            "loss": self.loss, "error": self.error, "weights": self.weights, "output_dir": str(self.output_dir),
+            "config": self.config, "num_parameters": self.num_parameters, "instance_prompt": self.instance_prompt,
+            "elapsed_s": round((self.finished or time.time()) - self.started, 1), "grid": self.latest_grid(),
+        }
+
+
+class Trainer:
+    """DreamBooth through the library's own `training.train`, one run at a time, in a background thread."""
+
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+        self.job: TrainJob | None = None
+        self._lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def start(self, image_paths: Sequence[str] | None, instance_prompt: str, preset: str = "lorta",
+              param_budget: Any = None, steps: Any = 400, name: str = "", learning_rate: Any = 5e-3,
+              seed: Any = 0, validation_images: Any = 4, inference_steps: Any = 20) -> TrainJob:
+        from superlora_diffusers import PRESETS
+        from superlora_diffusers.model import target_shapes
+
+        prompt = str(instance_prompt or "").strip()
+        if not prompt:
+            raise UserError("write an instance prompt, e.g. 'a photo of sks star'")
+        paths = [str(p) for p in (image_paths or []) if p]
+        lo, hi = TRAIN_IMAGES
+        if not lo <= len(paths) <= hi:
+            raise UserError(f"upload {lo} to {hi} images of the subject, got {len(paths)}")
+        images = [check_image(p) for p in paths]
+        try:
+            steps = int(steps)
+            lr = float(learning_rate)
+            seed = int(seed)
+            n_val = int(validation_images)
+            n_inf = int(inference_steps)
+        except (TypeError, ValueError):
+            raise UserError("steps, learning rate, seed, validation images and inference steps must be numbers") from None
+        if not 1 <= steps <= MAX_TRAIN_STEPS:
+            raise UserError(f"training steps must be between 1 and {MAX_TRAIN_STEPS}, got {steps}")
+        if not (math.isfinite(lr) and 0 < lr <= 1):
+            raise UserError(f"learning rate must be in (0, 1], got {lr}")
+        if not 1 <= n_val <= 8 or not 1 <= n_inf <= MAX_STEPS:
+            raise UserError(f"validation images must be 1-8 and inference steps 1-{MAX_STEPS}")
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        budget = None
+        if param_budget not in (None, "", 0, 0.0):
+            try:
+                budget = int(param_budget)
+            except (TypeError, ValueError):
+                raise UserError(f"the parameter budget must be a whole number, got {param_budget!r}") from None
+            if not 1 <= budget <= MAX_BUDGET:
+                raise UserError(f"the parameter budget must be between 1 and {MAX_BUDGET:,} (0 = use the preset)")
+
+        with self._lock:
+            if self.job is not None and self.job.running:
+                j = self.job
+                raise UserError(f"a training is already running ({j.name}, step {j.step}/{j.max_steps}); "
+                                "one at a time: wait for it to finish")
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", name.strip() or prompt).strip("-").lower()[:40] or "adapter"
+            out = self.studio.adapters_dir / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+            stem, i = out.name, 2
+            while out.exists():
+                out, i = out.with_name(f"{stem}-{i}"), i + 1
+            argv = [
+                "--pretrained_model_name_or_path", self.studio.base_path,
+                "--instance_data_dir", str(out / "instance_images"), "--instance_prompt", prompt,
+                "--output_dir", str(out), "--max_train_steps", str(steps), "--superlora_preset", preset,
+                "--learning_rate", str(lr), "--seed", str(seed), "--report_to", "none",
+                "--validation_prompt", prompt, "--validation_steps", str(max(1, math.ceil(steps / 4))),
+                "--num_validation_images", str(n_val), "--num_inference_steps", str(n_inf),
+                "--checkpointing_steps", str(MAX_TRAIN_STEPS + 1), "--random_flip",
+            ]
+            if budget is not None:
+                argv += ["--param_budget", str(budget)]
+            try:
+                args = parse_args(argv)
+                pipe = self.studio.pipe
+                components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+                config, _ = superlora_config_from_args(args, lambda targets: target_shapes(components, targets))
+                from superlora_diffusers import count_parameters
+
+                n_params = count_parameters(config, target_shapes(components, config.target_modules))
+            except (TrainingError, ValueError) as e:
+                raise UserError(one_line(e)) from None
+            except SystemExit:
+                raise UserError("invalid training settings") from None
+            (out / "instance_images").mkdir(parents=True)
+            for k, (src, image) in enumerate(zip(paths, images)):
+                image.save(out / "instance_images" / f"{k:02d}.png")
+            job = TrainJob(out.name, out, prompt, steps, describe(config), n_params)
+            self.job = job
+            self.thread = threading.Thread(target=self._run, args=(job, args), name=f"train-{out.name}", daemon=True)
+            self.thread.start()
+        return job
+
+    def _run(self, job: TrainJob, args) -> None:
+        from superlora_diffusers.training import train
+
+        def on_step(step: int, max_steps: int, loss: float) -> None:
+            job.step, job.max_steps, job.loss = step, max_steps, loss
+            job.state = "finishing" if step >= max_steps else "training"
+            if job.cancel.is_set():
+                raise Cancelled()
+
+        try:
+            weights = train(args, on_step=on_step)
+            job.weights = str(weights)
+            job.state = "done"
+        except Cancelled:
+            job.state, job.error = "cancelled", f"stopped at step {job.step}"
+        except TrainingError as e:
+            job.state, job.error = "failed", one_line(e)
+        except Exception as e:  # noqa: BLE001 (the app keeps running; the message goes to the UI and the log)
+            logger.error("training %s failed:\n%s", job.name, traceback.format_exc())
+            job.state, job.error = "failed", f"{type(e).__name__}: {one_line(e)}"
+        finally:
+            job.finished = time.time()
+            if job.state != "done" and not (job.output_dir / WEIGHT_NAME).exists():
+                shutil.rmtree(job.output_dir, ignore_errors=True)  # nothing usable: leave no half-made adapter
+
+    def cancel(self) -> str:
+        if self.job is None or not self.job.running:
+            raise UserError("no training is running")
+        self.job.cancel.set()
+        return self.job.name
+
+    def status(self) -> dict[str, Any] | None:
+        return self.job.summary() if self.job else None
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return self.status()
