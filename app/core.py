@@ -463,6 +463,7 @@ class TrainJob:
             "loss": self.loss, "error": self.error, "weights": self.weights, "output_dir": str(self.output_dir),
             "config": self.config, "num_parameters": self.num_parameters, "instance_prompt": self.instance_prompt,
             "elapsed_s": round((self.finished or time.time()) - self.started, 1), "grid": self.latest_grid(),
+            "stop_requested": self.cancel.is_set(),
         }
 
 
@@ -525,7 +526,7 @@ class Trainer:
             while out.exists():
                 out, i = out.with_name(f"{stem}-{i}"), i + 1
             argv = [
-                "--pretrained_model_name_or_path", self.studio.base_path,
+                "--pretrained_model_name_or_path", self.studio.base,
                 "--instance_data_dir", str(out / "instance_images"), "--instance_prompt", prompt,
                 "--output_dir", str(out), "--max_train_steps", str(steps), "--superlora_preset", preset,
                 "--learning_rate", str(lr), "--seed", str(seed), "--report_to", "none",

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import traceback
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
-from PIL import Image
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: no usage pings unless asked for
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from superlora_diffusers import PRESETS, SuperLoRAFileError
 from superlora_diffusers.dreambooth import TrainingError
@@ -93,6 +96,8 @@ def train_markdown(status: dict[str, Any] | None) -> str:
             "done": f"**Done** in {s['elapsed_s']:.0f} s: **{s['name']}** is in the adapter list",
             "failed": f"**Failed**: {s['error']}",
             "cancelled": f"**Stopped** ({s['error']})"}[s["state"]]
+    if s.get("stop_requested") and s["state"] in ("preparing", "training", "finishing"):
+        head = f"**Stopping** after the current step ({s['step']}/{s['max_steps']})"
     loss = f" · loss {s['loss']:.4f}" if s["loss"] is not None else ""
     return (f"{head}{loss}\n\n`{s['name']}` · {s['config']} · **{s['num_parameters']:,}** trainable parameters · "
             f"prompt *{s['instance_prompt']}* · {s['elapsed_s']:.0f} s")
@@ -178,7 +183,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         with gr.Row():
                             num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", scale=3)
                             go = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
-                        gallery = gr.Gallery(label="Results", columns=4, height=420, format="png",
+                        gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png",
                                              object_fit="contain", elem_id="gallery")
                         seed_used = gr.Number(label="Seed used (image i: seed + i)", precision=0, interactive=False,
                                               elem_id="seed-used")
@@ -372,6 +377,5 @@ def build_demo(studio: Studio) -> gr.Blocks:
 def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True, **kwargs):
     demo = build_demo(studio)
     demo.queue(default_concurrency_limit=1, max_size=64)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, css=CSS,
-                allowed_paths=[str(studio.adapters_dir.resolve())], show_error=True, **kwargs)
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, css=CSS, show_error=True, **kwargs)
     return demo

@@ -285,6 +285,21 @@ def test_training_in_the_background_adds_an_adapter(app):
     assert info["instance_prompt"] == "a photo of sks star" and info["num_parameters"] == state["num_parameters"]
 
 
+def test_stop_training(app):
+    before = set(adapter_paths(app))
+    train(app, STAR[:3], name="to stop", steps=500)
+    assert "Stopping" in app.predict(api_name="/stop_training")
+    deadline = time.time() + 60
+    while (state := app.predict(api_name="/train_status"))["state"] in ("preparing", "training", "finishing"):
+        assert time.time() < deadline, state
+        time.sleep(0.3)
+    assert state["state"] == "cancelled" and state["step"] < 500, state
+    assert not Path(state["output_dir"]).exists()  # nothing half-made is left in the adapter folder
+    assert set(adapter_paths(app)) == before
+    with pytest.raises(AppError, match="no training is running"):
+        app.predict(api_name="/stop_training")
+
+
 # ---- a real browser -----------------------------------------------------------------------------------
 def test_browser_types_a_prompt_clicks_generate_and_sees_images(server, tmp_path):
     if chromium_path() is None:
