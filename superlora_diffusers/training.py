@@ -63,9 +63,11 @@ def load_base(args: argparse.Namespace):
     common = dict(revision=args.revision)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or path, subfolder=None if args.tokenizer_name else "tokenizer", **common)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+        # fp32 whatever the files store (the toy's are fp16); --mixed_precision casts later, factors stay fp32
+        weights = dict(variant=args.variant, torch_dtype=torch.float32, **common)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
@@ -434,7 +436,8 @@ def final_validation(args, accelerator, path, weights: Path, resolution, n_param
 
     import superlora_diffusers  # noqa: F401  (attaches the pipeline verbs)
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_superlora_weights(str(weights.parent), weight_name=weights.name)
@@ -445,6 +448,11 @@ def final_validation(args, accelerator, path, weights: Path, resolution, n_param
 
 
 def write_model_card(args, n_params: int, lora1: int, config, weights: Path, prompt: str) -> None:
+    from .toy import TOY_ALIASES
+
+    toy = str(args.pretrained_model_name_or_path).lower() in TOY_ALIASES
+    base_expr = ("superlora_diffusers.toy.resolve_base_model('toy'), torch_dtype=torch.float32" if toy
+                 else f'"{args.pretrained_model_name_or_path}"')
     card = f"""---
 base_model: {args.pretrained_model_name_or_path}
 library_name: diffusers
@@ -470,10 +478,11 @@ Trained with `train_dreambooth_superlora.py` on `{args.pretrained_model_name_or_
 ![samples](samples.png) (prompt: "{prompt}")
 
 ```python
+import torch
 import superlora_diffusers
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+pipe = StableDiffusionPipeline.from_pretrained({base_expr})
 pipe.load_superlora_weights("{args.output_dir}")
 image = pipe("{args.instance_prompt}").images[0]
 ```
