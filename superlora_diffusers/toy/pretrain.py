@@ -6,6 +6,12 @@ Stages (run in order; each resumes from its own checkpoint in ``--work_dir``):
   python -m superlora_diffusers.toy.pretrain unet   --work_dir out/pretrain      # UNet + CLIP text encoder
   python -m superlora_diffusers.toy.pretrain export --work_dir out/pretrain      # diffusers folder
 
+``--device`` (default: cuda if available) picks where the VAE and UNet stages run; on CUDA they
+use TF32 and bf16 autocast (``--no_amp`` turns that off).  ``--vae_minutes`` / ``--unet_minutes``
+give a stage a fixed length in wall-clock minutes: the cosine LR schedule follows elapsed time
+(or steps, whichever is further along) and the stage ends when the time is up.  Data renders use
+``--workers`` processes (the result does not depend on their number).
+
 Checkpoints (model + optimizer + LR scheduler + step + RNG states) are written atomically
 (``<name>.tmp`` then rename) every ``--save_every`` steps and when the time budget runs out, so a
 stopped run (Ctrl-C, kill, reboot) continues exactly where it was when started again with the same
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import shutil
@@ -97,18 +104,23 @@ def make_sample_scheduler():
 # ----------------------------------------------------------------------------------------------
 
 def _rng_state(np_rng: np.random.Generator | None) -> dict:
-    return {
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {  # tensors and plain Python values only, so checkpoints load with weights_only=True
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "python": random.getstate(),
-        "numpy_global": np.random.get_state(),
+        "numpy_global": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached),
         "numpy": np_rng.bit_generator.state if np_rng is not None else None,
     }
 
 
 def _set_rng_state(state: dict, np_rng: np.random.Generator | None) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy_global"])
+    name, key, pos, has_gauss, cached = state["numpy_global"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     if np_rng is not None and state.get("numpy") is not None:
         np_rng.bit_generator.state = state["numpy"]
 
@@ -131,15 +143,56 @@ def load_ckpt(path: str) -> dict | None:
     for p in (path, path + ".old"):  # .old survives a crash between the two renames
         f = os.path.join(p, "state.pt")
         if os.path.exists(f):
-            return torch.load(f, map_location="cpu", weights_only=False)
+            return torch.load(f, map_location="cpu", weights_only=True)
     return None
 
 
-def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float = 0.1,
+          time_frac: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to ``min_ratio * base`` over the steps after warmup, or
+    over the time budget (``time_frac``: fraction used) if that is further along."""
     if step < warmup:
         return base * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    p = min(1.0, max(time_frac, (step - warmup) / max(1, total - warmup)))
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _time_frac(elapsed: float, minutes: float) -> float:
+    return elapsed / (60 * minutes) if minutes else 0.0
+
+
+def _stage_done(step: int, total: int, elapsed: float, minutes: float) -> bool:
+    return step >= total or (minutes > 0 and elapsed >= 60 * minutes)
+
+
+def _autocast(args):
+    """bf16 autocast on CUDA (unless ``--no_amp``); a no-op elsewhere."""
+    on = args.device.startswith("cuda") and not args.no_amp
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
+_CHUNK = 2500
+
+
+def _render_chunk(job: tuple) -> tuple:
+    n, seed, kw = job
+    return world.make_dataset(n, seed=seed, size=SIZE, **kw)
+
+
+def render_dataset(n: int, seed: int, workers: int = 1, **kw) -> tuple[np.ndarray, list]:
+    """``world.make_dataset`` in chunks of 2,500 renders seeded ``[seed, chunk]``, spread over
+    ``workers`` processes; the result is the same for any number of workers."""
+    jobs = [(min(_CHUNK, n - i), [seed, k], kw) for k, i in enumerate(range(0, n, _CHUNK))]
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(_render_chunk, jobs)
+    else:
+        parts = [_render_chunk(j) for j in jobs]
+    return np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]]
 
 
 class Progress:
@@ -166,11 +219,12 @@ class Progress:
 
 def train_vae(args) -> None:
     torch.manual_seed(args.seed)
+    dev = args.device
     ck_path = os.path.join(args.work_dir, "vae_ckpt")
-    imgs, _ = world.make_dataset(args.vae_data, seed=args.seed + 1, size=SIZE, textured_frac=0.35)
-    data = world.to_tensor(imgs)
-    vae = make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    imgs, _ = render_dataset(args.vae_data, args.seed + 1, args.workers, textured_frac=0.35)
+    data = world.to_tensor(imgs).to(dev)
+    vae = make_vae().to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, fused=dev.startswith("cuda"))
     np_rng = np.random.default_rng(args.seed)
     step, elapsed = 0, 0.0
     ck = load_ckpt(ck_path)
@@ -187,14 +241,16 @@ def train_vae(args) -> None:
         save_atomic(ck_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                               "elapsed": prog.elapsed(), "rng": _rng_state(np_rng)})
 
-    while step < args.vae_steps:
+    while not _stage_done(step, args.vae_steps, prog.elapsed(), args.vae_minutes):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.vae_lr, 100, args.vae_steps)
-        idx = torch.from_numpy(np_rng.integers(0, len(data), args.vae_batch))
+            g["lr"] = lr_at(step, args.vae_lr, 100, args.vae_steps,
+                            time_frac=_time_frac(prog.elapsed(), args.vae_minutes))
+        idx = torch.from_numpy(np_rng.integers(0, len(data), args.vae_batch)).to(dev)
         x = data[idx]
-        post = vae.encode(x).latent_dist
-        z = post.sample()
-        rec = vae.decode(z).sample
+        with _autocast(args):
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+            rec = vae.decode(z).sample.float()
         mse = F.mse_loss(rec, x)
         loss = mse + 0.2 * F.l1_loss(rec, x) + args.vae_kl * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -205,16 +261,17 @@ def train_vae(args) -> None:
         if step % args.log_every == 0:
             psnr = 10 * math.log10(4.0 / mse.item())
             print("[vae] " + prog.line(step, loss=loss.item(), psnr_db=psnr), flush=True)
-        if step % args.save_every == 0 or step == args.vae_steps:
+        if step % args.save_every == 0:
             save()
         if args.max_minutes and prog.elapsed() > args.max_minutes * 60:
             save()
             print("[vae] time budget reached; stopping (run again to resume)", flush=True)
             return
+    save()
     # final: measure PSNR on fresh renders and the latent scaling factor
     vae.eval()
     test, _ = world.make_dataset(512, seed=args.seed + 99, size=SIZE)
-    xt = world.to_tensor(test)
+    xt = world.to_tensor(test).to(dev)
     with torch.no_grad():
         post = vae.encode(xt).latent_dist
         rec = vae.decode(post.mode()).sample.clamp(-1, 1)
@@ -223,9 +280,10 @@ def train_vae(args) -> None:
     scale = float(1.0 / z.flatten().std())
     vae.register_to_config(scaling_factor=scale)
     out = os.path.join(args.work_dir, "vae")
-    vae.save_pretrained(out)
+    vae.to("cpu").save_pretrained(out)
     with open(os.path.join(args.work_dir, "vae_report.json"), "w") as f:
-        json.dump({"psnr_db": psnr, "scaling_factor": scale, "steps": step, "minutes": prog.elapsed() / 60}, f)
+        json.dump({"psnr_db": psnr, "scaling_factor": scale, "steps": step, "minutes": prog.elapsed() / 60,
+                   "batch": args.vae_batch, "device": _device_name(dev)}, f)
     print(f"[vae] done: {step} steps, test PSNR {psnr:.2f} dB, scaling_factor {scale:.4f}, saved {out}", flush=True)
 
 
@@ -247,15 +305,16 @@ def _load_tokenizer(work_dir: str):
 def _encode_dataset(args, vae) -> tuple[torch.Tensor, torch.Tensor, list]:
     cache = os.path.join(args.work_dir, f"latents_{args.unet_data}_{args.seed}.pt")
     if os.path.exists(cache):
-        d = torch.load(cache, weights_only=False)
+        d = torch.load(cache, map_location="cpu", weights_only=True)
         return d["mean"], d["std"], d["scenes"]
-    imgs, scenes = world.make_dataset(args.unet_data, seed=args.seed + 2, size=SIZE)
+    imgs, scenes = render_dataset(args.unet_data, args.seed + 2, args.workers)
+    dev = next(vae.parameters()).device
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(imgs), 500):
-            post = vae.encode(world.to_tensor(imgs[i : i + 500])).latent_dist
-            means.append(post.mean.half())
-            stds.append(post.std.half())
+            post = vae.encode(world.to_tensor(imgs[i : i + 500]).to(dev)).latent_dist
+            means.append(post.mean.half().cpu())
+            stds.append(post.std.half().cpu())
     d = {"mean": torch.cat(means), "std": torch.cat(stds), "scenes": [(s.shape, s.color, s.background) for s in scenes]}
     torch.save(d, cache + ".tmp")
     os.replace(cache + ".tmp", cache)
@@ -286,22 +345,24 @@ def train_unet(args) -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL.from_pretrained(os.path.join(args.work_dir, "vae")).eval()
+    dev = args.device
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.work_dir, "vae")).eval().to(dev)
     scale = vae.config.scaling_factor
     tokenizer = _load_tokenizer(args.work_dir)
     means, stds, scenes = _encode_dataset(args, vae)
+    means, stds = means.to(dev), stds.to(dev)
     del vae
     captions = _CaptionCache(tokenizer)
-    unet, te = make_unet(), make_text_encoder()
+    unet, te = make_unet().to(dev), make_text_encoder().to(dev)
     sched = make_train_scheduler()
     ac = sched.alphas_cumprod
-    snr_all = ac / (1 - ac)
+    snr_all = (ac / (1 - ac)).to(dev)
     params = list(unet.parameters()) + list(te.parameters())
     emb = te.get_input_embeddings().weight
     decay_params = [p for p in params if p is not emb and p.ndim >= 2]
     other = [p for p in params if p is emb or p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.99))
+                            lr=args.lr, betas=(0.9, 0.99), fused=dev.startswith("cuda"))
     ema = [p.detach().clone() for p in params]
     np_rng = np.random.default_rng(args.seed + 3)
     ck_path = os.path.join(args.work_dir, "unet_ckpt")
@@ -326,11 +387,13 @@ def train_unet(args) -> None:
         save_atomic(ck_path, {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
                               "ema": ema, "step": step, "elapsed": prog.elapsed(), "rng": _rng_state(np_rng),
                               "args": vars(args), "lr_schedule": {"base": args.lr, "warmup": args.warmup,
-                                                                  "total": args.steps}})
+                                                                  "total": args.steps, "minutes": args.unet_minutes},
+                              "command": " ".join(["python -m superlora_diffusers.toy.pretrain"] + sys.argv[1:]),
+                              "device": _device_name(dev)})
 
     run_loss = None
-    while step < args.steps:
-        lr = lr_at(step, args.lr, args.warmup, args.steps)
+    while not _stage_done(step, args.steps, prog.elapsed(), args.unet_minutes):
+        lr = lr_at(step, args.lr, args.warmup, args.steps, time_frac=_time_frac(prog.elapsed(), args.unet_minutes))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = np_rng.integers(0, len(scenes), args.batch)
@@ -342,14 +405,16 @@ def train_unet(args) -> None:
             else:
                 sc = world.Scene(shape, color, bg, 0, 0, 0, 0)
                 caps.append(world.make_caption(sc, np_rng))
-        ids = captions(caps)
-        ti = torch.from_numpy(idx)
-        lat = (means[ti].float() + stds[ti].float() * torch.randn(args.batch, 4, SIZE // 2, SIZE // 2)) * scale
+        ids = captions(caps).to(dev)
+        ti = torch.from_numpy(idx).to(dev)
+        lat = means[ti].float() + stds[ti].float() * torch.randn(args.batch, 4, SIZE // 2, SIZE // 2, device=dev)
+        lat = lat * scale
         noise = torch.randn_like(lat)
-        t = torch.randint(0, 1000, (args.batch,))
+        t = torch.randint(0, 1000, (args.batch,), device=dev)
         noisy = sched.add_noise(lat, noise, t)
-        enc = te(ids)[0]
-        pred = unet(noisy, t, enc).sample
+        with _autocast(args):
+            enc = te(ids)[0]
+            pred = unet(noisy, t, enc).sample.float()
         snr = snr_all[t]
         w = torch.clamp(snr, max=args.snr_gamma) / snr
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
@@ -359,15 +424,17 @@ def train_unet(args) -> None:
         opt.step()
         step += 1
         _ema_update(ema, params, min(args.ema_decay, (1 + step) / (10 + step)))
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        # running loss stays on the device: no host sync except when logging
+        run_loss = loss.detach().clone() if run_loss is None else run_loss.lerp_(loss.detach(), 0.02)
         if step % args.log_every == 0:
-            print("[unet] " + prog.line(step, loss=run_loss, lr=lr), flush=True)
-        if step % args.save_every == 0 or step == args.steps:
+            print("[unet] " + prog.line(step, loss=run_loss.item(), lr=lr), flush=True)
+        if step % args.save_every == 0:
             save()
         if args.max_minutes and prog.elapsed() > args.max_minutes * 60:
             save()
             print("[unet] time budget reached; stopping (run again to resume)", flush=True)
             return
+    save()
     print(f"[unet] done: {step} steps in {prog.elapsed() / 60:.1f} min", flush=True)
 
 
@@ -409,8 +476,10 @@ def export(args) -> None:
     # self-contained: drop anything not needed for loading
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
+    ck = load_ckpt(os.path.join(args.work_dir, "unet_ckpt"))
     info = {"unet_steps": step, "unet_minutes": round(elapsed / 60, 1), "ema": not args.no_ema,
-            "seed": args.seed}
+            "seed": args.seed, "unet_command": ck.get("command"), "unet_device": ck.get("device"),
+            "unet_args": ck.get("args")}
     vr = os.path.join(args.work_dir, "vae_report.json")
     if os.path.exists(vr):
         info["vae"] = json.load(open(vr))
@@ -426,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work_dir", default="out/pretrain")
     ap.add_argument("--out", default=DEFAULT_OUT, help="export folder (default: the shipped assets/base)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no_amp", action="store_true", help="no bf16 autocast on CUDA")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="render processes")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     ap.add_argument("--log_every", type=int, default=25)
     ap.add_argument("--save_every", type=int, default=200)
@@ -436,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae_lr", type=float, default=1e-3)
     ap.add_argument("--vae_kl", type=float, default=1e-6)
     ap.add_argument("--vae_data", type=int, default=20000)
+    ap.add_argument("--vae_minutes", type=float, default=0.0, help="train the VAE this long (LR schedule by time)")
     # unet
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
@@ -445,10 +518,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ema_decay", type=float, default=0.998)
     ap.add_argument("--caption_dropout", type=float, default=0.1)
     ap.add_argument("--unet_data", type=int, default=40000)
+    ap.add_argument("--unet_minutes", type=float, default=0.0, help="train the UNet this long (LR schedule by time)")
     ap.add_argument("--no_ema", action="store_true", help="export the raw weights instead of the EMA")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes
     os.makedirs(args.work_dir, exist_ok=True)
     if args.stage in ("vae", "all"):
         train_vae(args)
