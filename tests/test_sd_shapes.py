@@ -6,6 +6,7 @@ from one small random buffer, so a 2.6B-parameter SDXL UNet is built in seconds.
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 import superlora_diffusers  # noqa: F401
 from superlora_diffusers import SuperLoRAConfig, count_parameters, find_targets, lora_parameter_count
-from superlora_diffusers.model import inject_superlora
+from superlora_diffusers.model import inject_superlora, remove_superlora
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -91,20 +92,26 @@ def test_sdxl_targets_span_both_text_encoders():
     assert [t.name for t in both[:560]] == [t.name for t in unet]
 
 
+# SDXL's UNet attention holds ~950M ΔW entries (3.8 GB in fp32): its forward test adapts the 640-wide blocks
+# only, so the suite fits a 24 GB machine; the enumeration test above covers all 560 targets.
+TARGETS = {"sd15": "unet", "sdxl": [r"unet\.(down_blocks\.1|up_blocks\.1)\..*attn[12]\.(to_q|to_k|to_v|to_out\.0)"]}
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_one_shared_superlora_forward_on_real_shapes(family):
     comps = sd15(materialise=True) if family == "sd15" else sdxl(materialise=True)
     for c in comps.values():
         c.requires_grad_(False)
-    config = SuperLoRAConfig.lorta(fold=3, groups=12, rank=5, target_modules="unet")
-    targets = find_targets(comps, "unet")
+    config = SuperLoRAConfig.lorta(fold=3, groups=12, rank=5, target_modules=TARGETS[family])
+    targets = find_targets(comps, TARGETS[family])
     module = inject_superlora(comps, config)
     shapes = [t.shape for t in targets]
     assert module.num_parameters() == count_parameters(config, shapes) < lora_parameter_count(shapes) / 4
     with torch.no_grad():
         deltas = module()
-        assert [tuple(d.shape) for d in deltas] == [t.shape for t in targets]
+        assert [tuple(d.shape) for d in deltas] == shapes
         assert all(float(d.abs().max()) == 0.0 for d in deltas)  # zero at initialisation
+        del deltas
         for p in module.parameters():
             p.normal_(0, 0.2)
 
@@ -118,3 +125,6 @@ def test_one_shared_superlora_forward_on_real_shapes(family):
         base = comps["unet"](sample, 10, hidden, cross_attention_kwargs={"scale": 0.0}, **extra).sample
     assert adapted.shape == (1, 4, 8, 8) and torch.isfinite(adapted).all()
     assert not torch.equal(adapted, base)
+    remove_superlora(comps)  # the UNet and its SuperLoRAModel reference each other: free gigabytes now
+    del comps
+    gc.collect()
