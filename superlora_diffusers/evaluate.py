@@ -31,9 +31,16 @@ def evaluate_subject(pipe, subject: str, n: int = 16, seed: int = 0, steps: int 
     recontext = generate_images(pipe, [f"a photo of {token} {shape} on a {bg} background" for bg in backgrounds],
                                 seed + 1000, steps, guidance)
     prior = generate_images(pipe, [f"a photo of a {shape}"] * n, seed + 2000, steps, guidance)
-    s = judge.score(subject_images, subject=subject)
-    r = judge.score(recontext, background=backgrounds, subject=subject)
-    p = judge.score(prior, shape=shape, subject="none")
+    return judge_scores(subject_images, recontext, backgrounds, prior, subject)
+
+
+def judge_scores(subject_images, recontext, backgrounds: list[str], prior, subject: str,
+                 value_range: tuple[float, float] = (-1, 1)) -> dict[str, float]:
+    """The three questions' judge scores from already generated images (PIL, or tensors in `value_range`)."""
+    shape = world.SUBJECTS[subject].shape
+    s = judge.score(subject_images, subject=subject, value_range=value_range)
+    r = judge.score(recontext, background=backgrounds, subject=subject, value_range=value_range)
+    p = judge.score(prior, shape=shape, subject="none", value_range=value_range)
     return {
         "subject_acc": s["subject_acc"],
         "subject_fidelity": s["subject_fidelity"],

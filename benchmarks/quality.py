@@ -1,0 +1,667 @@
+"""Quality per parameter: DreamBooth on the embedded toy base model, peft LoRA / LoKr vs SuperLoRA presets.
+
+Every method shares exactly the same data, steps, batch and randomness; only the adapter differs.
+
+    # the whole benchmark (one GPU machine, many runs at once on one GPU; results appended as JSON lines)
+    python benchmarks/quality.py run --out out/quality.jsonl --device cuda --workers 14
+    # a tiny end-to-end check on CPU
+    python benchmarks/quality.py run --out /tmp/q.jsonl --device cpu --workers 1 --steps 5 --n_eval 2 \
+        --eval_steps 2 --subjects striped_star --methods lora_r4,t3_g12_r5 --lr_grid_size 1
+    # table (markdown) + plot (docs/quality.png) from the JSON lines
+    python benchmarks/quality.py report benchmarks/results/quality.jsonl
+
+Protocol (one run = one method, one subject, one seed, one learning rate):
+- data: 5 instance images `world.render_subject(subject, 5, seed=0)` with "a photo of sks <class>";
+  24 prior images generated once per subject by the base model from "a photo of a <class>" (20 DPM-Solver++
+  steps, guidance 5, fixed seeds); VAE posteriors (mean, std) and the frozen CLIP embeddings are computed once.
+- training: 400 steps, batch 4 instance latents (+ 4 prior latents when --prior_weight > 0), epsilon MSE, AdamW
+  (weight decay 1e-2), constant learning rate, gradient clipping 1.0, fp32 (+TF32 on CUDA). All randomness
+  (which images, latent sampling, noise, timesteps) comes from one CPU generator seeded by the run's seed, and
+  the adapter's initialisation from `torch.manual_seed(seed)`. Text encoder frozen, except the SuperLoRA
+  "unet+text" variant, where the shared SuperLoRA also adapts CLIP's attention and CLIP runs every step.
+- prior preservation: the default weight is 0. On this toy base model "a photo of sks star" and
+  "a photo of a star" give CLIP states that differ by ~6% of their norm (vs ~35% between two shapes), and with
+  the prior loss at weight 1 (or 0.25) no adapter moved the judge's subject fidelity off the base model's level
+  within 1,000 steps (CPU diagnostics, LoRA r8 at lr 3e-3), while without it the subject's stripes appear.
+  Prior drift is therefore measured, not trained against: it shows how much each adapter leaks into the class.
+- learning rate: every method tries `LR_GRID` on the first subject with a separate search seed (100); the
+  value with the highest subject fidelity is then used for all subjects x seeds 0, 1, 2.
+- evaluation (adapter active, DPM-Solver++ over the same modules, guidance 5, fixed generator seeds that
+  are the same for every run): n images each of "a photo of sks <class>" (judge subject accuracy and subject
+  fidelity), "a photo of sks <class> on a <bg> background" cycling over the world's 4 backgrounds (background
+  accuracy) and "a photo of a <class>" (shape accuracy; its drift is measured against the base model's
+  score on the same prompts and seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+SUBJECTS = ["striped_star", "checker_square", "polka_circle", "rainbow_heart"]
+SEEDS = [0, 1, 2]
+SEARCH_SEED = 100
+N_PRIOR = 24
+BATCH = 4
+INSTANCE_SEED = 0
+
+# learning-rate grid (AdamW, constant), the same for every method; each method keeps its best value
+LR_GRID = [1e-3, 3e-3, 1e-2]
+LR_LADDER = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # where a grid is extended when its best is at an edge
+
+
+def _s(family: str, **cfg) -> dict:
+    return {"kind": "superlora", "family": family, "config": cfg}
+
+
+# name -> method. Order = priority (what runs first if the machine's time runs out).
+METHODS: dict[str, dict] = {
+    "lora_r4": {"kind": "lora", "family": "peft LoRA", "r": 4},
+    "t3_g12_r5": _s("SuperLoRA Tucker", factorization="tucker", fold=3, groups=12, rank=5),
+    "lora_r1": {"kind": "lora", "family": "peft LoRA", "r": 1},
+    "t3_g1_r4": _s("SuperLoRA Tucker", factorization="tucker", fold=3, groups=1, rank=4),
+    "t5_g1_r1": _s("SuperLoRA Tucker", factorization="tucker", fold=5, groups=1, rank=1),
+    "d2_g1_r4": _s("SuperLoRA 2-D reshape", factorization="lora", groups=1, rank=4),
+    "kron_g1_r10": _s("SuperLoRA Kronecker", factorization="kronecker", groups=1, rank=10, kron_factor=6),
+    "lora_r8": {"kind": "lora", "family": "peft LoRA", "r": 8},
+    "lora_r2": {"kind": "lora", "family": "peft LoRA", "r": 2},
+    "lokr_r4": {"kind": "lokr", "family": "peft LoKr", "r": 4},
+    "t3_g4_r4": _s("SuperLoRA Tucker", factorization="tucker", fold=3, groups=4, rank=4),
+    "t4_g12_r5": _s("SuperLoRA Tucker", factorization="tucker", fold=4, groups=12, rank=5),
+    "t5_g1_r1_ff001": _s("SuperLoRA Tucker + Fastfood", factorization="tucker", fold=5, groups=1, rank=1,
+                         projection="fastfood", projection_ratio=0.01),
+    "t3_g1_r8_ff01": _s("SuperLoRA Tucker + Fastfood", factorization="tucker", fold=3, groups=1, rank=8,
+                        projection="fastfood", projection_ratio=0.1),
+    "t3_g12_r5_shuffle": _s("SuperLoRA Tucker + shuffle", factorization="tucker", fold=3, groups=12, rank=5,
+                            shuffle=True),
+    "t3_g12_r5_text": _s("SuperLoRA UNet + text", factorization="tucker", fold=3, groups=12, rank=5,
+                         target_modules="unet+text"),
+    "d2_g1_r1": _s("SuperLoRA 2-D reshape", factorization="lora", groups=1, rank=1),
+    "d2_g1_r16": _s("SuperLoRA 2-D reshape", factorization="lora", groups=1, rank=16),
+    "d2_g4_r8": _s("SuperLoRA 2-D reshape", factorization="lora", groups=4, rank=8),
+    "kron_g1_r2": _s("SuperLoRA Kronecker", factorization="kronecker", groups=1, rank=2, kron_factor=6),
+}
+
+
+def lr_grid(method: str, size: int) -> list[float]:
+    grid = LR_GRID
+    if size >= len(grid):
+        return grid
+    mid = len(grid) // 2  # a shorter grid keeps the middle values
+    start = max(0, mid - size // 2)
+    return grid[start:start + size]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# worker side: models are loaded once per process, each run works on fresh copies of the UNet / text encoder
+# ----------------------------------------------------------------------------------------------------------
+W: dict = {}
+
+
+def init_worker(device: str, work_dir: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as dlogging
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as tlogging
+
+    from superlora_diffusers.toy import resolve_base_model
+
+    dlogging.set_verbosity_error()
+    tlogging.set_verbosity_error()
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    path = resolve_base_model("toy")
+    W["device"] = torch.device(device)
+    W["path"] = path
+    W["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    W["te"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch.float32).to(device)
+    W["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).to(device)
+    W["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32).to(device)
+    for m in (W["te"], W["vae"], W["unet"]):
+        m.requires_grad_(False)
+        m.eval()
+    W["noise"] = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    data_file = Path(work_dir) / "data.pt"
+    W["data"] = torch.load(data_file) if data_file.exists() else None
+
+
+def make_pipeline(unet, te):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=W["vae"], text_encoder=te, tokenizer=W["tokenizer"], unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(W["noise"].config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode(te, prompts: list[str]) -> torch.Tensor:
+    tok = W["tokenizer"]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(W["device"])
+    return te(ids)[0]
+
+
+@torch.no_grad()
+def latent_stats(images) -> torch.Tensor:
+    """(n, 2[mean/std], C, h, w) VAE posteriors of PIL images."""
+    from superlora_diffusers.toy import world
+
+    x = world.to_tensor(__import__("numpy").stack([__import__("numpy").asarray(im.convert("RGB")) for im in images]))
+    dist = W["vae"].encode(x.to(W["device"])).latent_dist
+    return torch.stack([dist.mean, dist.std], 1).float()
+
+
+def eval_prompts(subject: str, n: int) -> tuple[list[str], list[str], dict]:
+    from superlora_diffusers.toy import world
+
+    shape = world.SUBJECTS[subject].shape
+    bgs = [world.BACKGROUND_NAMES[i % len(world.BACKGROUND_NAMES)] for i in range(n)]
+    prompts = ([f"a photo of sks {shape}"] * n + [f"a photo of sks {shape} on a {bg} background" for bg in bgs]
+               + [f"a photo of a {shape}"] * n)
+    return prompts, bgs, {"shape": shape}
+
+
+@torch.no_grad()
+def evaluate(unet, te, subject: str, n: int, steps: int, chunk: int = 96) -> dict:
+    """Judge scores with the adapter active; the same prompts and generator seeds for every run."""
+    from superlora_diffusers.evaluate import judge_scores
+
+    pipe = make_pipeline(unet, te)
+    prompts, bgs, info = eval_prompts(subject, n)
+    images = []
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start:start + chunk]
+        gens = [torch.Generator("cpu").manual_seed(7_000 + start + i) for i in range(len(part))]
+        out = pipe(part, num_inference_steps=steps, guidance_scale=5.0, generator=gens, output_type="pt").images
+        images.append(out.float().cpu())
+    images = torch.cat(images)
+    if W.get("grid_path"):  # debugging aid: the evaluated images as one PNG, one prompt type per row
+        from PIL import Image
+
+        grid = (images.clamp(0, 1) * 255).round().byte().view(3, n, 3, *images.shape[2:])
+        grid = grid.permute(0, 3, 1, 4, 2).reshape(3 * images.shape[2], n * images.shape[3], 3)
+        Image.fromarray(grid.numpy()).resize((n * 64, 3 * 64), 0).save(W["grid_path"])
+    subj, rectx, prior = images[:n], images[n:2 * n], images[2 * n:]
+    return judge_scores(subj, rectx, bgs, prior, subject, value_range=(0, 1))
+
+
+def add_adapter(method: str, unet, te, seed: int):
+    """Inject the method's adapter; returns (trainable params, file-bytes function)."""
+    spec = METHODS[method]
+    torch.manual_seed(seed)
+    if spec["kind"] in ("lora", "lokr"):
+        import safetensors.torch
+        from peft import LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+        r = spec["r"]
+        if spec["kind"] == "lora":
+            cfg = LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=UNET_TARGETS)
+        else:
+            cfg = LoKrConfig(r=r, alpha=r, target_modules=UNET_TARGETS)
+        inject_adapter_in_model(cfg, unet)
+        params = [p for n, p in unet.named_parameters() if ("lora_" in n or "lokr_" in n)]
+        for p in params:
+            p.requires_grad_(True)
+
+        def file_bytes() -> int:
+            sd = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+            return len(safetensors.torch.save(sd))
+        return params, file_bytes, False
+    from superlora_diffusers import SuperLoRAConfig
+    from superlora_diffusers.model import get_superlora_model, inject_superlora
+    from superlora_diffusers.serialization import serialize
+
+    config = SuperLoRAConfig(**spec["config"])
+    components = {"unet": unet, "text_encoder": te}
+    module = inject_superlora(components, config)
+    params = [p for p in module.parameters() if p.requires_grad]
+    targets = get_superlora_model(components).adapters["default"].targets
+
+    def file_bytes() -> int:
+        return len(serialize(module, targets))
+    return params, file_bytes, config.target_modules == "unet+text"
+
+
+def run_job(job: dict) -> dict:
+    t0 = time.time()
+    dev = W["device"]
+    method, subject, seed, lr = job["method"], job["subject"], job["seed"], job["lr"]
+    unet = copy.deepcopy(W["unet"])
+    te = copy.deepcopy(W["te"])
+    out = dict(job)
+    if method == "base":
+        out.update(evaluate(unet, te, subject, job["n_eval"], job["eval_steps"]))
+        out.update(params=0, file_bytes=0, seconds=round(time.time() - t0, 2))
+        return out
+    from superlora_diffusers.toy import world
+
+    data = W["data"][subject]
+    inst, prior = data["inst"].to(dev), data["prior"].to(dev)
+    shape = world.SUBJECTS[subject].shape
+    params, file_bytes, train_text = add_adapter(method, unet, te, seed)
+    steps = job["steps"]
+    scaling = W["vae"].config.scaling_factor
+    sched = W["noise"]
+    # every random number of the run, drawn up front from one CPU generator (identical for every method)
+    g = torch.Generator("cpu").manual_seed(seed)
+    ii = torch.randint(0, inst.shape[0], (steps, BATCH), generator=g)
+    pi = torch.randint(0, prior.shape[0], (steps, BATCH), generator=g)
+    eps_lat = torch.randn((steps, 2 * BATCH) + tuple(inst.shape[2:]), generator=g)
+    noise = torch.randn((steps, 2 * BATCH) + tuple(inst.shape[2:]), generator=g)
+    tsteps = torch.randint(0, sched.config.num_train_timesteps, (steps, 2 * BATCH), generator=g)
+    ii, pi, eps_lat, noise, tsteps = (x.to(dev) for x in (ii, pi, eps_lat, noise, tsteps))
+    alphas = sched.alphas_cumprod.to(dev)
+    prompts = [f"a photo of sks {shape}"] * BATCH + [f"a photo of a {shape}"] * BATCH
+    pw = job["prior_weight"]
+    rows = 2 * BATCH if pw > 0 else BATCH  # without prior preservation only the instance half is used
+    prompts = prompts[:rows]
+    with torch.no_grad():
+        fixed = encode(te, prompts)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    unet.train()
+    if train_text:
+        te.train()
+    losses = []
+    for step in range(steps):
+        stats = torch.cat([inst[ii[step]], prior[pi[step]]])[:rows]
+        lat = (stats[:, 0] + stats[:, 1] * eps_lat[step, :rows]) * scaling
+        t = tsteps[step, :rows]
+        a = alphas[t].view(-1, 1, 1, 1)
+        eps = noise[step, :rows]
+        noisy = a.sqrt() * lat + (1 - a).sqrt() * eps
+        hidden = encode(te, prompts) if train_text else fixed
+        pred = unet(noisy, t, hidden).sample
+        per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+        loss = per[:BATCH].mean() + (pw * per[BATCH:].mean() if pw > 0 else 0.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 25 == 0 or step == steps - 1:
+            losses.append(loss.detach())
+        if job.get("eval_every") and (step + 1) % job["eval_every"] == 0 and step + 1 < steps:
+            unet.eval()
+            te.eval()
+            ev = evaluate(unet, te, subject, job["n_eval"], job["eval_steps"])
+            out.setdefault("curve", []).append(dict(step=step + 1, **{k: round(v, 4) for k, v in ev.items()}))
+            print(job["method"], job["lr"], out["curve"][-1], flush=True)
+            unet.train()
+            if train_text:
+                te.train()
+    losses = [round(float(x), 5) for x in losses]
+    train_s = time.time() - t0
+    unet.eval()
+    te.eval()
+    finite = all(math.isfinite(x) for x in losses)
+    if finite:
+        out.update(evaluate(unet, te, subject, job["n_eval"], job["eval_steps"]))
+    out.update(params=sum(p.numel() for p in params), file_bytes=file_bytes(), final_loss=losses[-1],
+               loss_curve=losses, finite=finite, train_seconds=round(train_s, 2),
+               seconds=round(time.time() - t0, 2), family=METHODS[method]["family"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main side: data once, then a pool of workers on one device, jobs by priority, JSON lines as they come
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def prepare_data(args) -> None:
+    from superlora_diffusers.toy import world
+
+    init_worker(args.device, args.work_dir, args.threads)
+    pipe = make_pipeline(W["unet"], W["te"])
+    data = {}
+    for si, subject in enumerate(args.subjects):
+        shape = world.SUBJECTS[subject].shape
+        inst = world.render_subject(subject, 5, seed=INSTANCE_SEED)
+        gens = [torch.Generator("cpu").manual_seed(50_000 + 100 * si + i) for i in range(N_PRIOR)]
+        prior = pipe([f"a photo of a {shape}"] * N_PRIOR, num_inference_steps=20, guidance_scale=5.0,
+                     generator=gens).images
+        data[subject] = {"inst": latent_stats(inst).cpu(), "prior": latent_stats(prior).cpu()}
+    torch.save(data, Path(args.work_dir) / "data.pt")
+
+
+def hard_exit(executor, code: int) -> None:
+    """Stop now: kill this pool's workers (runs in flight are lost) and exit without waiting for them."""
+    for proc in list(getattr(executor, "_processes", {}).values()):
+        proc.kill()
+    os._exit(code)
+
+
+def job_key(j: dict) -> tuple:
+    return (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"])
+
+
+def run(args) -> None:
+    """Base scores, then each method's learning-rate search, then its finals at the chosen rate.
+
+    The search grid is extended by one ladder step (`LR_LADDER`) while the best value sits at its edge, up
+    to `--lr_extend` times. Each choice is written as a {"phase": "choice"} line. Runs already in `--out`
+    (same method, subject, seed, rate and phase) are not run again, so an interrupted run resumes.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    t_start = time.time()
+    args.subjects = args.subjects.split(",")
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    previous = [r for r in (load(args.out) if Path(args.out).exists() else []) if "error" not in r]
+    have = {job_key(r): r for r in previous if r.get("phase") != "choice"}
+    prepare_data(args)
+    print(f"[{time.time() - t_start:6.1f}s] data ready for {args.subjects}; {len(have)} earlier runs reused",
+          flush=True)
+    common = dict(steps=args.steps, n_eval=args.n_eval, eval_steps=args.eval_steps, prior_weight=args.prior_weight)
+    seeds = SEEDS[:args.seeds]
+    prio = {m: i for i, m in enumerate(methods)}
+    tried: dict[str, list[float]] = {m: list(lr_grid(m, args.lr_grid_size)) for m in methods}
+    extensions = {m: 0 for m in methods}
+    searched: dict[str, dict[float, dict]] = {m: {} for m in methods}
+    ready: list[dict] = []
+
+    def search_job(m: str, lr: float) -> dict:
+        return dict(method=m, subject=args.subjects[0], seed=SEARCH_SEED, lr=lr, phase="search", **common)
+
+    def finals(m: str, lr: float) -> list[dict]:
+        return [dict(method=m, subject=s, seed=sd, lr=lr, phase="final", **common)
+                for sd in seeds for s in args.subjects]
+
+    def choose(m: str, fout) -> None:
+        """All of m's search runs are in: extend the grid at an edge, or pick the rate and queue the finals."""
+        ok = {lr: r for lr, r in searched[m].items() if "subject_fidelity" in r}
+        if not ok:
+            return
+        best = max(ok, key=lambda lr: ok[lr]["subject_fidelity"])
+        grid = sorted(tried[m])
+        step = -1 if best == grid[0] else 1 if best == grid[-1] else 0
+        i = min(range(len(LR_LADDER)), key=lambda k: abs(math.log(LR_LADDER[k] / best)))
+        if len(grid) > 1 and step and extensions[m] < args.lr_extend and 0 <= i + step < len(LR_LADDER):
+            extensions[m] += 1
+            lr = LR_LADDER[i + step]
+            tried[m].append(lr)
+            print(f"    best lr for {m} at the grid's edge ({best:g}); trying {lr:g}", flush=True)
+            submit([search_job(m, lr)])
+            return
+        fout.write(json.dumps({"phase": "choice", "method": m, "lr": best, "tried": sorted(tried[m])}) + "\n")
+        fout.flush()
+        print(f"    best lr for {m}: {best:g} (tried {sorted(tried[m])})", flush=True)
+        submit(finals(m, best))
+
+    def submit(jobs: list[dict]) -> None:
+        for j in jobs:
+            r = have.get(job_key(j))
+            if r is not None:
+                record(j, r, reused=True)
+            else:
+                ready.append(j)
+
+    def record(j: dict, res: dict, reused: bool = False) -> None:
+        if j["phase"] == "search":
+            searched[j["method"]][float(j["lr"])] = res
+            if set(searched[j["method"]]) >= set(tried[j["method"]]):
+                choose(j["method"], fout)
+
+    def key(j: dict) -> tuple:  # search first, then finals seed-major, then subject, then method priority
+        phase = {"base": 0, "search": 1, "final": 2}[j["phase"]]
+        return (phase, j["seed"] if phase == 2 else 0, args.subjects.index(j["subject"]), prio.get(j["method"], -1))
+
+    ctx = mp.get_context("spawn")
+    done = ok_runs = 0
+    deadline = t_start + args.max_minutes * 60
+    with open(args.out, "a") as fout, ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=init_worker,
+                                                          initargs=(args.device, args.work_dir, args.threads)) as ex:
+        submit([dict(method="base", subject=s, seed=0, lr=0.0, phase="base", **common) for s in args.subjects])
+        for m in methods:
+            if len(tried[m]) == 1:
+                fout.write(json.dumps({"phase": "choice", "method": m, "lr": tried[m][0], "tried": tried[m]}) + "\n")
+                submit(finals(m, tried[m][0]))
+            else:
+                submit([search_job(m, lr) for lr in tried[m]])
+        running = {}
+        while ready or running:
+            ready.sort(key=key)
+            while ready and len(running) < args.workers + 2 and time.time() < deadline:
+                j = ready.pop(0)
+                running[ex.submit(run_job, j)] = j
+            if not running:
+                break
+            finished, _ = wait(list(running), timeout=5, return_when=FIRST_COMPLETED)
+            for f in finished:
+                j = running.pop(f)
+                try:
+                    res = f.result()
+                except Exception as e:  # noqa: BLE001 - a failed run is recorded, not fatal
+                    res = dict(j, error=f"{type(e).__name__}: {e}")
+                fout.write(json.dumps(res) + "\n")
+                fout.flush()
+                done += 1
+                ok_runs += "error" not in res
+                if done >= 4 and not ok_runs:  # nothing works (e.g. a broken GPU set-up): stop, let the caller retry
+                    print(f"the first {done} runs all failed; giving up", flush=True)
+                    hard_exit(ex, 3)
+                print(f"[{time.time() - t_start:6.1f}s] {done} done, {len(ready) + len(running)} left: "
+                      f"{j['phase']:6s} {j['method']:18s} {j['subject']:14s} seed {j['seed']:3d} lr {j['lr']:.0e}  "
+                      f"fid {res.get('subject_fidelity', float('nan')):.3f} acc {res.get('subject_acc', float('nan')):.2f}"
+                      f"  {res.get('seconds', 0):.1f}s {res.get('error', '')}", flush=True)
+                record(j, res)
+            if time.time() > deadline:
+                print(f"[{time.time() - t_start:6.1f}s] deadline reached: {len(ready)} queued runs dropped, "
+                      f"waiting for {len(running)} in flight", flush=True)
+                ready.clear()
+                if time.time() > deadline + args.grace_s:
+                    print("grace period over; leaving the runs in flight", flush=True)
+                    fout.flush()
+                    hard_exit(ex, 0)
+    print(f"[{time.time() - t_start:6.1f}s] all done: {done} runs", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report: table + plot
+# ----------------------------------------------------------------------------------------------------------
+SCORES = [("subject_acc", "subject acc"), ("subject_fidelity", "subject fidelity"),
+          ("recontext_background_acc", "background acc (recontext)"), ("prior_shape_drift", "prior shape-acc drift")]
+
+
+def load(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def summarise(rows: list[dict]) -> tuple[dict, dict, dict]:
+    import numpy as np
+
+    base = {r["subject"]: r for r in rows if r["method"] == "base" and "subject_fidelity" in r}
+    choice = {r["method"]: r["lr"] for r in rows if r.get("phase") == "choice"}  # the last choice counts
+    per_method: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("phase") == "final" and "subject_fidelity" in r and r["lr"] == choice.get(r["method"], r["lr"]):
+            r = dict(r)
+            if r["subject"] in base:
+                r["prior_shape_drift"] = r["prior_shape_acc"] - base[r["subject"]]["prior_shape_acc"]
+            per_method.setdefault(r["method"], []).append(r)
+    stats = {}
+    for m, rs in per_method.items():
+        st = {"n": len(rs), "params": rs[0]["params"], "file_bytes": rs[0]["file_bytes"], "lr": rs[0]["lr"],
+              "family": METHODS.get(m, {}).get("family", rs[0].get("family", m)),
+              "subjects": len({r["subject"] for r in rs})}
+        for k, _ in SCORES + [("prior_shape_acc", "")]:
+            vals = np.array([r[k] for r in rs if k in r], dtype=float)
+            if len(vals):
+                st[k] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
+            # seed noise: the std over seeds of the per-seed mean over subjects
+            seeds = sorted({r["seed"] for r in rs})
+            per_seed = [np.mean([r[k] for r in rs if r["seed"] == s and k in r]) for s in seeds
+                        if any(r["seed"] == s and k in r for r in rs)]
+            st[k + "_seedstd"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
+            st[k + "_seedmeans"] = [float(x) for x in per_seed]
+        stats[m] = st
+    search = {}
+    for r in rows:
+        if r.get("phase") == "search":
+            search.setdefault(r["method"], []).append((r["lr"], r.get("subject_fidelity")))
+    return stats, base, search
+
+
+def equal_quality(stats: dict, ref: str = "lora_r4") -> dict | None:
+    """The smallest SuperLoRA whose mean subject fidelity is within the seed noise of `ref`.
+
+    Seed noise: the larger of the two methods' standard deviations over seeds of the per-seed mean fidelity
+    (each mean over the subjects); "within" = mean fidelity >= ref's mean - that noise.
+    """
+    if ref not in stats:
+        return None
+    r_mean = stats[ref]["subject_fidelity"][0]
+    cands = []
+    for m, st in stats.items():
+        if METHODS.get(m, {}).get("kind") != "superlora":
+            continue
+        noise = max(stats[ref]["subject_fidelity_seedstd"], st["subject_fidelity_seedstd"])
+        if st["subject_fidelity"][0] >= r_mean - noise:
+            cands.append((st["params"], m, noise))
+    if not cands:
+        return {"method": None, "ref": ref, "ref_fidelity": r_mean}
+    params, m, noise = min(cands)
+    return {"method": m, "params": params, "ref": ref, "ref_params": stats[ref]["params"],
+            "ratio": stats[ref]["params"] / params, "fidelity": stats[m]["subject_fidelity"][0],
+            "ref_fidelity": r_mean, "noise": noise}
+
+
+def report(args) -> None:
+    rows = load(args.jsonl)
+    stats, base, search = summarise(rows)
+    order = sorted(stats, key=lambda m: (stats[m]["family"], stats[m]["params"]))
+    lines = ["| method | family | trainable params | LoRA-r4 params / params | file bytes | lr | runs | " +
+             " | ".join(label for _, label in SCORES) + " |",
+             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(SCORES)]
+    for m in order:
+        st = stats[m]
+        cells = [f"{st[k][0]:+.3f} ± {st[k + '_seedstd']:.3f}" if k == "prior_shape_drift" and k in st else
+                 f"{st[k][0]:.3f} ± {st[k + '_seedstd']:.3f}" if k in st else "-" for k, _ in SCORES]
+        ratio = f"{stats['lora_r4']['params'] / st['params']:,.1f}x" if "lora_r4" in stats else "-"
+        lines.append(f"| `{m}` | {st['family']} | {st['params']:,} | {ratio} | {st['file_bytes']:,} | {st['lr']:g} | "
+                     f"{st['n']} | " + " | ".join(cells) + " |")
+    if base:
+        b = list(base.values())
+        mean = lambda k: sum(r[k] for r in b) / len(b)  # noqa: E731
+        lines.append(f"| base model (no adapter) | - | 0 | - | 0 | - | {len(b)} | {mean('subject_acc'):.3f} | "
+                     f"{mean('subject_fidelity'):.3f} | {mean('recontext_background_acc'):.3f} | "
+                     f"(prior shape acc {mean('prior_shape_acc'):.3f}) |")
+    table = "\n".join(lines)
+    eq = equal_quality(stats)
+    grid_lines = [f"- `{m}`: " + ", ".join(f"{lr:g} → {f:.3f}" if f is not None else f"{lr:g} → failed"
+                                          for lr, f in sorted(v)) for m, v in search.items()]
+    text = table + "\n\nLearning-rate search (subject fidelity on the search run):\n\n" + "\n".join(grid_lines)
+    if eq:
+        text += "\n\nEqual quality vs LoRA rank 4: " + json.dumps(eq)
+    print(text)
+    if args.table:
+        Path(args.table).write_text(text + "\n")
+    if args.plot:
+        plot(stats, base, args.plot)
+
+
+def plot(stats: dict, base: dict, path: str, ref: str = "lora_r4") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams: dict[str, list[str]] = {}
+    for m, st in stats.items():
+        fams.setdefault(st["family"], []).append(m)
+    panels = [("subject_fidelity", "subject fidelity (judge embedding cosine)"), ("subject_acc", "subject accuracy"),
+              ("recontext_background_acc", "background accuracy, re-contextualised prompts"),
+              ("prior_shape_drift", "prior shape-accuracy drift vs base model")]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    colors = plt.get_cmap("tab10")
+    for ai, (ax, (k, label)) in enumerate(zip(axes.flat, panels)):
+        if k in stats.get(ref, {}):  # the reference's mean +- seed noise: the "equal quality" band
+            mu, noise = stats[ref][k][0], stats[ref][k + "_seedstd"]
+            ax.axhspan(mu - noise, mu + noise, color="black", alpha=0.08, lw=0,
+                       label=f"{ref} ± seed std" if ai == 0 else None)
+        for fi, (fam, ms) in enumerate(sorted(fams.items(), key=lambda kv: (not kv[0].startswith("peft"), kv[0]))):
+            ms = sorted((m for m in ms if k in stats[m]), key=lambda m: stats[m]["params"])
+            x = [stats[m]["params"] for m in ms]
+            y = [stats[m][k][0] for m in ms]
+            e = [stats[m][k + "_seedstd"] for m in ms]
+            peft = fam.startswith("peft")
+            ax.errorbar(x, y, yerr=e, marker="s" if peft else "o", ms=6, lw=2.4 if peft else 1.4,
+                        ls="-" if peft else "--", color="black" if fam == "peft LoRA" else colors(fi % 10),
+                        capsize=2, label=fam if ai == 0 else None)
+            if k in ("subject_fidelity", "prior_shape_drift"):
+                for m, xi, yi in zip(ms, x, y):
+                    ax.annotate(m, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6.5, alpha=0.8)
+        if k != "prior_shape_drift" and base:
+            bv = sum(r[k] for r in base.values()) / len(base)
+            ax.axhline(bv, color="gray", ls=":", lw=1.2, label="base model (no adapter)" if ai == 0 else None)
+        if k == "prior_shape_drift":
+            ax.axhline(0, color="gray", ls=":", lw=1.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    n_sub = max((st["subjects"] for st in stats.values()), default=0)
+    n_seed = max((len(st.get("subject_fidelity_seedmeans", [])) for st in stats.values()), default=0)
+    fig.legend(loc="lower center", ncol=4, fontsize=8.5, frameon=False)
+    fig.suptitle(f"DreamBooth on the embedded toy base model: quality vs trainable parameters\n(mean over "
+                 f"{n_sub} subjects x {n_seed} seeds; error bars: std over seeds of the per-seed mean)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--out", required=True, help="JSON lines, appended as runs finish")
+    r.add_argument("--work_dir", default="out/quality")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--workers", type=int, default=14)
+    r.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    r.add_argument("--steps", type=int, default=400)
+    r.add_argument("--prior_weight", type=float, default=0.0,
+                   help="weight of the prior-preservation loss (0: instance images only; see the docstring)")
+    r.add_argument("--n_eval", type=int, default=16, help="images per prompt type")
+    r.add_argument("--eval_steps", type=int, default=20)
+    r.add_argument("--subjects", default=",".join(SUBJECTS))
+    r.add_argument("--seeds", type=int, default=3)
+    r.add_argument("--methods", default="all", help="comma-separated names of METHODS, or all")
+    r.add_argument("--lr_grid_size", type=int, default=len(LR_GRID))
+    r.add_argument("--lr_extend", type=int, default=2, help="extend the grid at most this many times per method")
+    r.add_argument("--max_minutes", type=float, default=1e9, help="stop queueing new runs after this")
+    r.add_argument("--grace_s", type=float, default=60, help="then wait this long for the runs in flight")
+    p = sub.add_parser("report")
+    p.add_argument("jsonl")
+    p.add_argument("--plot", default=str(ROOT / "docs" / "quality.png"))
+    p.add_argument("--table", default=None, help="also write the markdown table here")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        run(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
