@@ -75,8 +75,10 @@ class ChunkFactors(nn.Module):
         self.factorization = config.factorization
         self.fold_shape = block.fold_shape
         self.kron_splits = config.kron_splits
+        self.scale = config.scale
         shapes = factor_shapes(config, block)
         zero = zero_factor_name(config, list(shapes))
+        self.zero_name = zero
         for name, shape in shapes.items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.reset_parameters(config, zero)
@@ -96,9 +98,15 @@ class ChunkFactors(nn.Module):
                 bound = 1.0 / math.sqrt(p.shape[-1])
                 p.uniform_(-bound, bound)
 
+    def scaled(self, name: str) -> torch.Tensor:
+        """A factor; the zero-initialised one carries alpha / rank, applied to it (small) rather than to ΔW (N)."""
+        p = getattr(self, name)
+        return p * self.scale if name == self.zero_name and self.scale != 1 else p
+
     def forward(self) -> torch.Tensor:
+        """The chunks, already multiplied by alpha / rank."""
         if self.factorization == "lora":
-            chunk = self.lora_B @ self.lora_A
+            chunk = self.scaled("lora_B") @ self.lora_A
         elif self.factorization == "kronecker":
             chunk = self._kronecker()
         else:
@@ -109,9 +117,10 @@ class ChunkFactors(nn.Module):
         """⊗_k w_k, batched over chunks; row-major like torch.kron(w1, w2)."""
         out = None
         for k in range(1, self.kron_splits + 1):
-            w = getattr(self, f"w{k}", None)
-            if w is None:
-                w = getattr(self, f"w{k}_a") @ getattr(self, f"w{k}_b")
+            if hasattr(self, f"w{k}"):
+                w = self.scaled(f"w{k}")
+            else:
+                w = self.scaled(f"w{k}_a") @ self.scaled(f"w{k}_b")
             if out is None:
                 out = w
             else:
@@ -126,4 +135,4 @@ class ChunkFactors(nn.Module):
         ranks, modes = string.ascii_lowercase[:order], string.ascii_uppercase[:order]
         spec = "z" + ranks + "," + ",".join(f"z{modes[m]}{ranks[m]}" for m in range(order)) + "->z" + modes
         factors = [getattr(self, f"factor_{m + 1}") for m in range(order)]
-        return torch.einsum(spec, self.core, *factors)
+        return torch.einsum(spec, self.scaled("core"), *factors)

@@ -3,7 +3,8 @@
 Read top to bottom, one forward call does:
   factors (op. 5) -> chunks of ρ·N_g entries -> projection (op. 4) -> chunks of N_g entries
   -> concatenate the groups (op. 1), drop the folding surplus (op. 2) -> unshuffle (op. 3)
-  -> split at each weight's offset -> reshape to (d_out, d_in) -> multiply by alpha / rank.
+  -> split at each weight's offset -> reshape to (d_out, d_in).
+alpha / rank is applied inside the factors, to the small zero-initialised tensor, never to an N-sized one.
 Grouping and folding mix layers, so the per-layer shortcut x·A·B is unavailable: the whole super-vector
 is materialised once per model forward and every adapted layer reads its slice.
 """
@@ -48,22 +49,28 @@ class SuperLoRA(nn.Module):
     def forward(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """All ΔW, one (d_out, d_in) tensor per shape, in `dtype` (default: the factors' dtype)."""
         chunks = [
-            projection(factors()[:, : block.projected])
+            projection(_narrow(factors(), block.projected)).reshape(-1)
             for factors, projection, block in zip(self.blocks, self.projections, self.layout.blocks)
         ]
-        scale = self.config.scale
         if self.aligned:
-            flats = [c.reshape(-1)[:size] for c, size in zip(chunks, self.layout.sizes)]
+            flats = [_narrow(c, size) for c, size in zip(chunks, self.layout.sizes)]
         else:
-            flat = torch.cat([c.reshape(-1) for c in chunks])[: self.layout.total]
-            if self.config.shuffle:
+            flat = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            if self.config.shuffle:  # the gather index never reaches the surplus: no trimming needed first
                 flat = flat.index_select(0, self.unshuffle)
-            flats = flat.split(self.layout.sizes)
+            # The folding surplus rides along as a last, unused piece: one copy in backward instead of two.
+            surplus = flat.numel() - self.layout.total
+            flats = flat.split(self.layout.sizes + ([surplus] if surplus else []))
         out = []
         for piece, shape in zip(flats, self.layout.shapes):
-            delta = piece.view(shape) * scale
+            delta = piece.view(shape)
             out.append(delta if dtype is None else delta.to(dtype))
         return out
+
+
+def _narrow(t: torch.Tensor, size: int) -> torch.Tensor:
+    """The first `size` entries of the last dimension; no slice at all when nothing is cut (its backward copies)."""
+    return t if t.shape[-1] == size else t[..., :size]
 
 
 def parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape]) -> dict[str, tuple[int, ...]]:

@@ -71,6 +71,22 @@ def test_lora_reference_counts():
     assert count_parameters(SuperLoRAConfig.group_lora(groups=1, rank=7), PAPER) == 2 * 7 * math.ceil(math.sqrt(571392))
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_alpha_scales_every_delta_linearly(name):
+    """alpha / rank is applied inside the factors (to the zero-initialised tensor), not to ΔW: same result."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    config = CONFIGS[name]
+    base = SuperLoRA(dataclasses.replace(config, alpha=config.rank), SHAPES).double()
+    for p in base.parameters():
+        nn.init.normal_(p)
+    scaled = SuperLoRA(dataclasses.replace(config, alpha=2.5 * config.rank), SHAPES).double()
+    scaled.load_state_dict(base.state_dict())
+    for a, b in zip(base(), scaled()):
+        torch.testing.assert_close(b, 2.5 * a, rtol=1e-12, atol=1e-12)
+
+
 # ---- initialisation and gradients -------------------------------------------------------------------
 @pytest.mark.parametrize("name", CONFIGS)
 def test_init_is_zero_and_every_tensor_trains(name):
