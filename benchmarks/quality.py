@@ -481,6 +481,7 @@ def run(args) -> None:
 # report: table + plot
 # ----------------------------------------------------------------------------------------------------------
 SCORES = [("subject_acc", "subject acc"), ("subject_fidelity", "subject fidelity"),
+          ("fidelity_gain", "fidelity gain vs base"),
           ("recontext_background_acc", "background acc (recontext)"), ("prior_shape_drift", "prior shape-acc drift")]
 
 
@@ -499,6 +500,7 @@ def summarise(rows: list[dict]) -> tuple[dict, dict, dict]:
             r = dict(r)
             if r["subject"] in base:
                 r["prior_shape_drift"] = r["prior_shape_acc"] - base[r["subject"]]["prior_shape_acc"]
+                r["fidelity_gain"] = r["subject_fidelity"] - base[r["subject"]]["subject_fidelity"]
             per_method.setdefault(r["method"], []).append(r)
     stats = {}
     for m, rs in per_method.items():
@@ -556,7 +558,7 @@ def report(args) -> None:
              "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(SCORES)]
     for m in order:
         st = stats[m]
-        cells = [f"{st[k][0]:+.3f} ± {st[k + '_seedstd']:.3f}" if k == "prior_shape_drift" and k in st else
+        cells = [f"{st[k][0]:+.3f} ± {st[k + '_seedstd']:.3f}" if k in ("prior_shape_drift", "fidelity_gain") and k in st else
                  f"{st[k][0]:.3f} ± {st[k + '_seedstd']:.3f}" if k in st else "-" for k, _ in SCORES]
         ratio = f"{stats['lora_r4']['params'] / st['params']:,.1f}x" if "lora_r4" in stats else "-"
         lines.append(f"| `{m}` | {st['family']} | {st['params']:,} | {ratio} | {st['file_bytes']:,} | {st['lr']:g} | "
@@ -565,7 +567,7 @@ def report(args) -> None:
         b = list(base.values())
         mean = lambda k: sum(r[k] for r in b) / len(b)  # noqa: E731
         lines.append(f"| base model (no adapter) | - | 0 | - | 0 | - | {len(b)} | {mean('subject_acc'):.3f} | "
-                     f"{mean('subject_fidelity'):.3f} | {mean('recontext_background_acc'):.3f} | "
+                     f"{mean('subject_fidelity'):.3f} | 0 | {mean('recontext_background_acc'):.3f} | "
                      f"(prior shape acc {mean('prior_shape_acc'):.3f}) |")
     table = "\n".join(lines)
     eq = equal_quality(stats)
@@ -590,7 +592,7 @@ def plot(stats: dict, base: dict, path: str, ref: str = "lora_r4") -> None:
     fams: dict[str, list[str]] = {}
     for m, st in stats.items():
         fams.setdefault(st["family"], []).append(m)
-    panels = [("subject_fidelity", "subject fidelity (judge embedding cosine)"), ("subject_acc", "subject accuracy"),
+    panels = [("fidelity_gain", "subject fidelity gain vs base model (judge cosine)"), ("subject_acc", "subject accuracy"),
               ("recontext_background_acc", "background accuracy, re-contextualised prompts"),
               ("prior_shape_drift", "prior shape-accuracy drift vs base model")]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
@@ -609,14 +611,14 @@ def plot(stats: dict, base: dict, path: str, ref: str = "lora_r4") -> None:
             ax.errorbar(x, y, yerr=e, marker="s" if peft else "o", ms=6, lw=2.4 if peft else 1.4,
                         ls="-" if peft else "--", color="black" if fam == "peft LoRA" else colors(fi % 10),
                         capsize=2, label=fam if ai == 0 else None)
-            if k in ("subject_fidelity", "prior_shape_drift"):
+            if k in ("fidelity_gain", "prior_shape_drift"):
                 for m, xi, yi in zip(ms, x, y):
                     ax.annotate(m, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6.5, alpha=0.8)
-        if k != "prior_shape_drift" and base:
+        if k in ("prior_shape_drift", "fidelity_gain"):
+            ax.axhline(0, color="gray", ls=":", lw=1.2, label="base model (no adapter)" if ai == 0 else None)
+        elif base:
             bv = sum(r[k] for r in base.values()) / len(base)
-            ax.axhline(bv, color="gray", ls=":", lw=1.2, label="base model (no adapter)" if ai == 0 else None)
-        if k == "prior_shape_drift":
-            ax.axhline(0, color="gray", ls=":", lw=1.2)
+            ax.axhline(bv, color="gray", ls=":", lw=1.2)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel(label)
