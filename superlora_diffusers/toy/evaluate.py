@@ -6,7 +6,9 @@
 Prompts: full grammar prompts "a {color} {shape} on a {background} background", drawn as a balanced
 cycle over shapes, colors and backgrounds from a fixed seed; 25 DPM-Solver++ steps, guidance 5.
 Also scores "a photo of sks <class>" for every subject class (subject accuracy; the base model must
-not produce the subjects).
+not produce the subjects), and each subject's reconstruction ceiling: the judge's subject accuracy on
+VAE round trips of fresh renders. No adapter can make the subject more recognisable than its own
+encoding, so the ceiling bounds every DreamBooth score on this base model.
 """
 from __future__ import annotations
 
@@ -54,6 +56,17 @@ def make_grid(images: list[Image.Image], cols: int, scale: int = 3) -> Image.Ima
     return grid.resize((cols * w * scale, rows * h * scale), Image.NEAREST)
 
 
+@torch.no_grad()
+def reconstruction_ceiling(vae, n: int = 32, seed: int = 5) -> dict[str, float]:
+    """Per subject: judge subject accuracy on decode(encode(render)), the best any adapter can reach."""
+    out = {}
+    for name in world.SUBJECT_NAMES:
+        x = world.to_tensor(world.render_subject(name, n, seed=seed)).to(vae.device, vae.dtype)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        out[name] = J.score(rec.cpu(), subject=name)["subject_acc"]
+    return out
+
+
 def evaluate_pipeline(pipe, n: int = 96, steps: int = 25, guidance: float = 5.0, seed: int = 0,
                       n_subject: int = 8) -> tuple[dict, list[Image.Image], list[dict]]:
     items = grammar_prompts(n, seed)
@@ -71,6 +84,7 @@ def evaluate_pipeline(pipe, n: int = 96, steps: int = 25, guidance: float = 5.0,
                       "shape_acc": r["shape_acc"]}
     res["subjects"] = subj
     res["subject_acc_mean"] = float(np.mean([v["subject_acc"] for v in subj.values()]))
+    res["reconstruction_ceiling"] = reconstruction_ceiling(pipe.vae)
     return res, images, items
 
 

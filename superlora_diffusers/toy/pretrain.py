@@ -18,6 +18,10 @@ stopped run (Ctrl-C, kill, reboot) continues exactly where it was when started a
 command.  Progress (step, loss, it/s, elapsed) is printed every ``--log_every`` steps.
 
 The UNet and text encoder never see subject renders or the token "sks".
+
+Continuing from an exported folder (`--init_from toy`) refines the shipped model: `vae --decoder_only`
+retrains the decoder on a frozen encoder (the latent space, hence the UNet, stays valid), and
+`unet --unet_textured_frac F` adds generic two-colour textured objects, captioned without a colour.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world
+from . import resolve_base_model, world
 
 SIZE = 32
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "assets", "base")
@@ -221,10 +225,19 @@ def train_vae(args) -> None:
     torch.manual_seed(args.seed)
     dev = args.device
     ck_path = os.path.join(args.work_dir, "vae_ckpt")
-    imgs, _ = render_dataset(args.vae_data, args.seed + 1, args.workers, textured_frac=0.35)
+    imgs, _ = render_dataset(args.vae_data, args.seed + 1, args.workers, textured_frac=args.vae_textured_frac)
     data = world.to_tensor(imgs).to(dev)
-    vae = make_vae().to(dev)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, fused=dev.startswith("cuda"))
+    vae = make_vae()
+    if args.init_from:
+        vae.load_state_dict(_init_component(args.init_from, "vae"))
+        with open(os.path.join(resolve_base_model(args.init_from), "vae", "config.json")) as f:
+            vae.register_to_config(scaling_factor=json.load(f)["scaling_factor"])
+    vae.to(dev)
+    # --decoder_only: the encoder (hence the latent space the UNet learned) stays exactly as it is.
+    trained = [p for n, p in vae.named_parameters() if not args.decoder_only or n.startswith(("decoder.", "post_quant_conv."))]
+    for p in vae.parameters():
+        p.requires_grad_(any(p is q for q in trained))
+    opt = torch.optim.AdamW(trained, lr=args.vae_lr, weight_decay=0.0, fused=dev.startswith("cuda"))
     np_rng = np.random.default_rng(args.seed)
     step, elapsed = 0, 0.0
     ck = load_ckpt(ck_path)
@@ -255,7 +268,7 @@ def train_vae(args) -> None:
         loss = mse + 0.2 * F.l1_loss(rec, x) + args.vae_kl * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         step += 1
         if step % args.log_every == 0:
@@ -277,19 +290,31 @@ def train_vae(args) -> None:
         rec = vae.decode(post.mode()).sample.clamp(-1, 1)
         z = post.sample()
     psnr = 10 * math.log10(4.0 / F.mse_loss(rec, xt).item())
-    scale = float(1.0 / z.flatten().std())
+    scale = vae.config.scaling_factor if args.decoder_only else float(1.0 / z.flatten().std())
     vae.register_to_config(scaling_factor=scale)
     out = os.path.join(args.work_dir, "vae")
     vae.to("cpu").save_pretrained(out)
     with open(os.path.join(args.work_dir, "vae_report.json"), "w") as f:
         json.dump({"psnr_db": psnr, "scaling_factor": scale, "steps": step, "minutes": prog.elapsed() / 60,
-                   "batch": args.vae_batch, "device": _device_name(dev)}, f)
+                   "batch": args.vae_batch, "device": _device_name(dev), "init_from": args.init_from,
+                   "decoder_only": args.decoder_only, "textured_frac": args.vae_textured_frac,
+                   "command": " ".join(["python -m superlora_diffusers.toy.pretrain"] + sys.argv[1:])}, f)
     print(f"[vae] done: {step} steps, test PSNR {psnr:.2f} dB, scaling_factor {scale:.4f}, saved {out}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # stage 2: UNet + text encoder
 # ----------------------------------------------------------------------------------------------
+
+def _init_component(folder: str, name: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of one component of an exported base folder ("toy" = the shipped one), to continue from."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(resolve_base_model(folder), name, "diffusion_pytorch_model.safetensors")
+    if not os.path.exists(path):
+        path = os.path.join(os.path.dirname(path), "model.safetensors")
+    return {k: v.float() for k, v in load_file(path).items()}
+
 
 def _load_tokenizer(work_dir: str):
     from transformers import CLIPTokenizer
@@ -303,11 +328,11 @@ def _load_tokenizer(work_dir: str):
 
 
 def _encode_dataset(args, vae) -> tuple[torch.Tensor, torch.Tensor, list]:
-    cache = os.path.join(args.work_dir, f"latents_{args.unet_data}_{args.seed}.pt")
+    cache = os.path.join(args.work_dir, f"latents_{args.unet_data}_{args.seed}_{args.unet_textured_frac:g}.pt")
     if os.path.exists(cache):
         d = torch.load(cache, map_location="cpu", weights_only=True)
         return d["mean"], d["std"], d["scenes"]
-    imgs, scenes = render_dataset(args.unet_data, args.seed + 2, args.workers)
+    imgs, scenes = render_dataset(args.unet_data, args.seed + 2, args.workers, textured_frac=args.unet_textured_frac)
     dev = next(vae.parameters()).device
     means, stds = [], []
     with torch.no_grad():
@@ -353,7 +378,11 @@ def train_unet(args) -> None:
     means, stds = means.to(dev), stds.to(dev)
     del vae
     captions = _CaptionCache(tokenizer)
-    unet, te = make_unet().to(dev), make_text_encoder().to(dev)
+    unet, te = make_unet(), make_text_encoder()
+    if args.init_from:
+        unet.load_state_dict(_init_component(args.init_from, "unet"))
+        te.load_state_dict(_init_component(args.init_from, "text_encoder"))
+    unet, te = unet.to(dev), te.to(dev)
     sched = make_train_scheduler()
     ac = sched.alphas_cumprod
     snr_all = (ac / (1 - ac)).to(dev)
@@ -378,7 +407,8 @@ def train_unet(args) -> None:
         _set_rng_state(ck["rng"], np_rng)
         print(f"[unet] resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
     else:
-        print(f"[unet] fresh start: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+        start = f"continuing from {args.init_from}" if args.init_from else "fresh start"
+        print(f"[unet] {start}: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
               f"text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.2f}M, data {len(scenes)}", flush=True)
     prog = Progress(step, elapsed)
     unet.train(), te.train()
@@ -467,6 +497,10 @@ def build_pipeline(work_dir: str, use_ema: bool = True):
 
 
 def export(args) -> None:
+    previous = None
+    if args.init_from:  # lineage, read before --out (possibly the same folder) is replaced
+        with open(os.path.join(resolve_base_model(args.init_from), "training_info.json")) as f:
+            previous = json.load(f)
     pipe, step, elapsed = build_pipeline(args.work_dir, use_ema=not args.no_ema)
     pipe.to(torch.float16)
     out = args.out
@@ -483,6 +517,8 @@ def export(args) -> None:
     vr = os.path.join(args.work_dir, "vae_report.json")
     if os.path.exists(vr):
         info["vae"] = json.load(open(vr))
+    if previous is not None:
+        info["continued_from"] = previous
     with open(os.path.join(out, "training_info.json"), "w") as f:
         json.dump(info, f, indent=1)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
@@ -502,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log_every", type=int, default=25)
     ap.add_argument("--save_every", type=int, default=200)
     ap.add_argument("--max_minutes", type=float, default=0.0, help="stop (and checkpoint) after this many minutes")
+    ap.add_argument("--init_from", default=None,
+                    help="continue from an exported base folder's weights ('toy' = the shipped one) instead of random")
     # vae
     ap.add_argument("--vae_steps", type=int, default=1500)
     ap.add_argument("--vae_batch", type=int, default=64)
@@ -509,6 +547,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae_kl", type=float, default=1e-6)
     ap.add_argument("--vae_data", type=int, default=20000)
     ap.add_argument("--vae_minutes", type=float, default=0.0, help="train the VAE this long (LR schedule by time)")
+    ap.add_argument("--vae_textured_frac", type=float, default=0.35, help="share of generic textured objects")
+    ap.add_argument("--decoder_only", action="store_true",
+                    help="train only the decoder (keeps the latent space, so an existing UNet stays valid)")
     # unet
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
@@ -519,6 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--caption_dropout", type=float, default=0.1)
     ap.add_argument("--unet_data", type=int, default=40000)
     ap.add_argument("--unet_minutes", type=float, default=0.0, help="train the UNet this long (LR schedule by time)")
+    ap.add_argument("--unet_textured_frac", type=float, default=0.0,
+                    help="share of generic textured objects (captioned without a colour) in the UNet data")
     ap.add_argument("--no_ema", action="store_true", help="export the raw weights instead of the EMA")
     args = ap.parse_args(argv)
     if args.threads:
