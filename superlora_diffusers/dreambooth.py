@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kron_splits", type=int, default=None)
     t.add_argument("--kron_factor", type=int, default=None)
     t.add_argument("--target_modules", default=None,
-                   help="preset ('unet', 'unet-cross', 'unet+text') or comma-separated module-name regexes")
+                   help="preset ('unet', 'unet-cross', 'unet+conv' [adds the ResNet convs, LoCon-style], 'unet+text') or comma-separated module-name regexes")
     t.add_argument("--train_text_encoder", action="store_true",
                    help="the shared SuperLoRA also spans the text encoder's attention")
     o = p.add_argument_group("optimisation")

@@ -78,7 +78,8 @@ def kohya_key(name: str) -> str:
 
 
 def to_lora_state_dict(deltas: dict[str, torch.Tensor], rank: int | None = None, energy: float | None = None,
-                       kohya: bool = False) -> tuple[dict[str, torch.Tensor], list[LayerError]]:
+                       kohya: bool = False, kernels: dict[str, list[int]] | None = None
+                       ) -> tuple[dict[str, torch.Tensor], list[LayerError]]:
     """SVD-truncated LoRA of every ΔW, in diffusers/peft or kohya key format, with per-layer errors.
 
     diffusers format: no alphas (scale 1 per layer, whatever its rank). kohya format: one `alpha` for every
@@ -86,7 +87,11 @@ def to_lora_state_dict(deltas: dict[str, torch.Tensor], rank: int | None = None,
     alpha/r · up·down = ΔW. One shared alpha matters: diffusers' kohya converter drops per-layer alphas of
     attention layers and applies the most common one everywhere, so per-layer alpha = r would mis-scale
     every layer whose rank differs from the majority.
+
+    Conv targets (`kernels`: name -> [k_h, k_w]) export as conv LoRA, as peft and kohya load it: down is a
+    (r, d_in, k_h, k_w) kernel, up a 1x1 (d_out, r, 1, 1) one.
     """
+    kernels = kernels or {}
     factors, errors = {}, []
     for name, delta in deltas.items():
         down, up, err = svd_factors(delta.float(), rank, energy)
@@ -95,6 +100,9 @@ def to_lora_state_dict(deltas: dict[str, torch.Tensor], rank: int | None = None,
     state = {}
     alpha = max((e.rank for e in errors), default=1)
     for name, (down, up) in factors.items():
+        if name in kernels:
+            down = down.reshape(down.shape[0], -1, *kernels[name])
+            up = up.reshape(*up.shape, 1, 1)
         if kohya:
             r = down.shape[0]
             if r != alpha:
@@ -111,9 +119,15 @@ def to_lora_state_dict(deltas: dict[str, torch.Tensor], rank: int | None = None,
     return state, errors
 
 
-def to_diff_state_dict(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Exact export: the full per-layer ΔW under kohya-style `.diff` keys."""
-    return {f"{kohya_key(name)}.diff": delta.detach().contiguous() for name, delta in deltas.items()}
+def to_diff_state_dict(deltas: dict[str, torch.Tensor], kernels: dict[str, list[int]] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Exact export: the full per-layer ΔW under kohya-style `.diff` keys (conv targets in their kernel shape)."""
+    kernels = kernels or {}
+    return {
+        f"{kohya_key(name)}.diff": (delta.reshape(delta.shape[0], -1, *kernels[name]) if name in kernels else delta)
+        .detach().contiguous()
+        for name, delta in deltas.items()
+    }
 
 
 def overall_error(deltas: dict[str, torch.Tensor], errors: list[LayerError]) -> float:
@@ -213,13 +227,14 @@ def export_state_dict(source, to: str = "lora", rank: int | None = None, energy:
             raise ExportError("the SVD export needs --rank R or --energy E (e.g. --rank 16 or --energy 0.99).")
     adapter = load_adapter(source)
     deltas = adapter_deltas(adapter)
+    kernels = json.loads(adapter.metadata.get("target_kernels", "{}"))
     if to == "diff":
-        state = to_diff_state_dict(deltas)
+        state = to_diff_state_dict(deltas, kernels)
         errors = [LayerError(name, min(d.shape), 0.0) for name, d in deltas.items()]
         if dtype != torch.float32:  # rounding is the only loss: report it
             errors = [LayerError(e.name, e.rank, _relative(deltas[e.name], deltas[e.name].to(dtype))) for e in errors]
     else:
-        state, errors = to_lora_state_dict(deltas, rank=rank, energy=energy, kohya=to == "kohya")
+        state, errors = to_lora_state_dict(deltas, rank=rank, energy=energy, kohya=to == "kohya", kernels=kernels)
     state = {k: (v.to(dtype) if v.is_floating_point() and v.dim() > 0 else v).contiguous() for k, v in state.items()}
     report = ExportReport(to, errors, overall_error(deltas, errors), sum(v.numel() for v in state.values()), rank, energy)
     summary = {

@@ -25,7 +25,7 @@ from .serialization import (
     serialize,
 )
 from .superlora import lora_parameter_count
-from .targets import COMPONENTS, Target, unwrap
+from .targets import COMPONENTS, Target, layer_shape, unwrap
 
 
 class SuperLoRALoaderMixin:
@@ -54,7 +54,7 @@ class SuperLoRALoaderMixin:
                 raise SuperLoRAFileError(
                     f"{source} adapts {name}, which this pipeline does not have; it was trained for another base model."
                 )
-            have = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
+            have = layer_shape(layer) if hasattr(layer, "weight") else (None, None)
             if have != tuple(shape):
                 raise SuperLoRAFileError(
                     f"{source} was trained for another base model: {name} is {have[0]}x{have[1]} here but "

@@ -15,6 +15,7 @@ those layers (`fuse_qkv_projections`' fused one) is detected and refused with a 
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -41,22 +42,27 @@ class Adapter:
         return self.module.config
 
 
-class AdaptedLinear:
-    """The patched forward of one adapted `nn.Linear`: base weight plus the summed ΔW of its adapters."""
+class AdaptedLayer:
+    """The patched forward of one adapted `nn.Linear` or `nn.Conv2d`: base weight plus the summed ΔW of its
+    adapters (a conv's ΔW matrix (d_out, d_in·k_h·k_w) viewed as its kernel)."""
 
     def __init__(self, model: "SuperLoRAModel", target: Target, parent: nn.Module | None) -> None:
-        self.model, self.name, self.linear, self.parent = model, target.name, target.module, parent
+        self.model, self.name, self.layer, self.parent = model, target.name, target.module, parent
         self.component = target.component
         self.slots: dict[str, int] = {}  # adapter name -> index of this weight in that adapter's ΔW list
-        self.linear.forward = self.forward
+        self.layer.forward = self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = self.model.delta_for(self)
-        weight = self.linear.weight if delta is None else self.linear.weight + delta.to(self.linear.weight.dtype)
-        return F.linear(x, weight, self.linear.bias)
+        weight = self.layer.weight
+        if delta is not None:
+            weight = weight + delta.view(weight.shape).to(weight.dtype)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, weight, self.layer.bias)
+        return F.linear(x, weight, self.layer.bias)
 
     def remove(self) -> None:
-        del self.linear.forward  # back to nn.Linear.forward
+        del self.layer.forward  # back to the class's own forward
 
 
 class SuperLoRAModel:
@@ -72,7 +78,7 @@ class SuperLoRAModel:
         self.adapters: dict[str, Adapter] = {}
         self.weights: dict[str, float] = {}  # active adapters -> weight
         self.enabled = True
-        self.layers: dict[str, AdaptedLinear] = {}
+        self.layers: dict[str, AdaptedLayer] = {}
         self.originals: dict[str, torch.Tensor] | None = None  # base weights while fused (exact unfuse)
         self.scales = {name: 1.0 for name in self.components}  # call-time scale per component
         self.generations = 0  # how many times a whole ΔW was generated (tests count it)
@@ -95,9 +101,13 @@ class SuperLoRAModel:
         for index, target in enumerate(targets):
             layer = self.layers.get(target.name)
             if layer is None:
-                layer = self.layers[target.name] = AdaptedLinear(self, target, parents[target.name])
+                layer = self.layers[target.name] = AdaptedLayer(self, target, parents[target.name])
             layer.slots[name] = index
-        self.adapters[name] = Adapter(module, [t.name for t in targets], dict(metadata or {}))
+        metadata = dict(metadata or {})
+        kernels = {t.name: list(t.kernel_size) for t in targets if t.kernel_size is not None}
+        if kernels:  # conv targets: exporters need the kernel shape back from the file
+            metadata["target_kernels"] = json.dumps(kernels)
+        self.adapters[name] = Adapter(module, [t.name for t in targets], metadata)
         self.weights[name] = weight
         self._invalidate()
 
@@ -190,14 +200,14 @@ class SuperLoRAModel:
         if name not in self._deltas:
             adapter = self.adapters[name]
             layer = self.layers[adapter.targets[0]]
-            device = layer.linear.weight.device
+            device = layer.layer.weight.device
             if next(adapter.module.parameters()).device != device:
                 adapter.module.to(device)  # follows pipe.to(...): the factors keep their own dtype
             self._deltas[name] = adapter.module()
             self.generations += 1
         return self._deltas[name]
 
-    def delta_for(self, layer: AdaptedLinear) -> torch.Tensor | None:
+    def delta_for(self, layer: AdaptedLayer) -> torch.Tensor | None:
         """The ΔW this layer adds now: Σ_adapters weight · call scale · ΔW, or None when nothing applies."""
         if not self.enabled or self.originals is not None:
             return None
@@ -239,9 +249,9 @@ class SuperLoRAModel:
         for name, delta in updates.items():
             if delta is None:
                 continue
-            weight = self.layers[name].linear.weight
+            weight = self.layers[name].layer.weight
             originals[name] = weight.detach().to("cpu", copy=True)
-            weight.add_(delta.to(weight.dtype))
+            weight.add_(delta.view(weight.shape).to(weight.dtype))
         self.originals = originals
 
     @torch.no_grad()
@@ -249,7 +259,7 @@ class SuperLoRAModel:
         if self.originals is None:
             raise ValueError("no SuperLoRA is fused; nothing to unfuse.")
         for name, original in self.originals.items():
-            weight = self.layers[name].linear.weight
+            weight = self.layers[name].layer.weight
             weight.copy_(original.to(weight.device))
         self.originals = None
         self._invalidate()

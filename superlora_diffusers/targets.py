@@ -1,6 +1,7 @@
 """Which weights a SuperLoRA adapts: presets and module-name patterns, in one deterministic order.
 
-A target is an `nn.Linear` named by its component and path, e.g.
+A target is an `nn.Linear` (or an `nn.Conv2d`, adapted as the matrix (d_out, d_in·k_h·k_w), as LyCORIS's
+LoCon and kohya's conv LoRA do) named by its component and path, e.g.
 `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` or
 `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`. The order (components in `COMPONENTS`
 order, then `named_modules()` order) fixes where each weight sits in the super-vector, so it is
@@ -22,8 +23,10 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 TEXT_PROJECTION = re.compile(r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)")
+RESNET_CONVS = re.compile(r".*resnets\.\d+\.(conv1|conv2)")
 PRESETS = {
     "unet": "every UNet attention projection (self- and cross-attention)",
+    "unet+conv": "every UNet attention projection and the ResNet blocks' conv1/conv2 (LoCon-style)",
     "unet-cross": "the UNet's cross-attention projections only",
     "text": "the text encoders' attention projections only",
     "unet+text": "every UNet attention projection and the text encoders' attention",
@@ -33,7 +36,7 @@ PRESETS = {
 @dataclass(frozen=True)
 class Target:
     name: str  # "<component>.<module path>"
-    module: nn.Linear
+    module: nn.Linear | nn.Conv2d
 
     @property
     def component(self) -> str:
@@ -41,7 +44,17 @@ class Target:
 
     @property
     def shape(self) -> Shape:
-        return (self.module.out_features, self.module.in_features)
+        """(d_out, d_in) of the matrix ΔW; a conv kernel (d_out, d_in/groups, k_h, k_w) counts as (d_out, rest)."""
+        return layer_shape(self.module)
+
+    @property
+    def kernel_size(self) -> tuple[int, int] | None:
+        return tuple(self.module.kernel_size) if isinstance(self.module, nn.Conv2d) else None
+
+
+def layer_shape(layer: nn.Module) -> Shape:
+    weight = layer.weight
+    return (weight.shape[0], weight[0].numel())
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -74,14 +87,14 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
         return False
 
 
-def _plain_linears(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every nn.Linear by its user-facing path (peft's own sub-layers skipped, wrapped layers unwrapped)."""
+def _plain_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every nn.Linear / nn.Conv2d by its user-facing path (peft's own sub-layers skipped, wrapped layers unwrapped)."""
     found = []
     for path, sub in module.named_modules():
         if ".base_layer" in path or ".lora_" in path:
             continue
         layer = unwrap(sub)
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
             found.append((path, layer))
     return found
 
@@ -103,18 +116,20 @@ def find_targets(components: dict[str, nn.Module], target_modules: str | list[st
         for component, module in ordered:
             if component == "unet" and target_modules != "text":
                 candidates += [(f"unet.{p}", m) for p, m in _unet_candidates(module, target_modules == "unet-cross")]
+            if component == "unet" and target_modules == "unet+conv":
+                candidates += [(f"unet.{p}", m) for p, m in _plain_layers(module) if RESNET_CONVS.fullmatch(p)]
             if component in TEXT_ENCODERS and target_modules in ("text", "unet+text"):
-                candidates += [(f"{component}.{p}", m) for p, m in _plain_linears(module) if TEXT_PROJECTION.fullmatch(p)]
+                candidates += [(f"{component}.{p}", m) for p, m in _plain_layers(module) if TEXT_PROJECTION.fullmatch(p)]
     else:
         patterns = [re.compile(p) for p in target_modules]
         for component, module in ordered:
-            for path, layer in _plain_linears(module):
+            for path, layer in _plain_layers(module):
                 name = f"{component}.{path}"
                 if any(p.fullmatch(name) or name.endswith("." + p.pattern) for p in patterns):
                     candidates.append((name, layer))
     if not candidates:
         raise ValueError(
-            f"target_modules={target_modules!r} matches no linear layer of {[c for c, _ in ordered]}; check the "
+            f"target_modules={target_modules!r} matches no linear or conv layer of {[c for c, _ in ordered]}; check the "
             "names with `[n for n, _ in pipe.unet.named_modules()]`."
         )
     return [Target(name, layer) for name, layer in candidates]

@@ -206,7 +206,8 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     components = {"unet": unet, "text_encoder": text_encoder}
     config, how = superlora_config_from_args(args, lambda targets: target_shapes(components, targets))
     superlora = inject_superlora(components, config)
-    target_names = get_superlora_model(components).adapters["default"].targets
+    adapter = get_superlora_model(components).adapters["default"]
+    target_names = adapter.targets
     n_params = superlora.num_parameters()
     lora1 = sum(o + i for o, i in superlora.shapes)
     if accelerator.is_main_process:
@@ -261,7 +262,7 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
     def save_weights(path: Path, extra: dict[str, str] | None = None) -> None:
-        save_superlora_file(path, superlora, target_names, extra, overwrite=True)
+        save_superlora_file(path, superlora, target_names, {**adapter.metadata, **(extra or {})}, overwrite=True)
 
     global_step = 0
     if resume is not None:

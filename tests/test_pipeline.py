@@ -50,7 +50,7 @@ def test_target_presets_and_patterns(pipe):
     assert len(suffix) == 8 and all(t.name.endswith(".to_q") for t in suffix)
     regex = find_targets(comps, [r"unet\..*attn2\.to_(k|v)"])
     assert len(regex) == 8 and regex[0].shape == (32, 32)
-    with pytest.raises(ValueError, match="matches no linear layer"):
+    with pytest.raises(ValueError, match="matches no linear or conv layer"):
         find_targets(comps, ["nothing_like_this"])
     with pytest.raises(ValueError, match="not a preset"):
         find_targets(comps, "everything")
@@ -371,3 +371,44 @@ def test_text_encoder_paths_from_transformers_4_still_load(saved_adapter, tmp_pa
     save_file(state, str(tmp_path / "old.safetensors"), metadata=meta)
     pipe.load_superlora_weights(tmp_path / "old.safetensors")
     assert torch.equal(generate(pipe), adapted)
+
+
+def test_conv_targets_adapt_resnet_kernels_locon_style(tmp_path):
+    """"unet+conv": ResNet conv1/conv2 kernels are adapted as (d_out, d_in·k·k) matrices of the same super-vector."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from superlora_diffusers.export import export_adapter, kohya_key
+
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    targets = find_targets(pipe._superlora_components(), "unet+conv")
+    convs = [t for t in targets if t.kernel_size is not None]
+    assert convs and all(".resnets." in t.name and t.name.endswith(("conv1", "conv2")) for t in convs)
+    assert len(targets) == len(find_targets(pipe._superlora_components(), "unet")) + len(convs)
+    conv = convs[0].module
+    assert convs[0].shape == (conv.out_channels, conv.in_channels * 9)
+    module = add_random_adapter(pipe, SuperLoRAConfig.lorta(fold=3, groups=2, rank=3, target_modules="unet+conv"), std=0.2)
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    with torch.no_grad():
+        delta = module()[[t.name for t in targets].index(convs[0].name)]
+        expected = F.conv2d(x, conv.weight + delta.view(conv.weight.shape), conv.bias, padding=conv.padding)
+        torch.testing.assert_close(conv(x), expected)
+    adapted = generate(pipe)
+    assert (adapted - base).abs().max() > 1e-3
+    pipe.save_superlora_weights(tmp_path / "adapter")
+    fresh = tiny_pipeline()
+    fresh.load_superlora_weights(tmp_path / "adapter")
+    torch.testing.assert_close(generate(fresh), adapted)
+    fresh.fuse_superlora()
+    torch.testing.assert_close(generate(fresh), adapted, atol=1e-5, rtol=1e-4)
+    fresh.unload_superlora_weights()
+    assert torch.equal(generate(fresh), base)
+    # exports keep the kernel shape: .diff is the full kernel, LoRA is a k×k down and a 1×1 up (peft / kohya)
+    export_adapter(tmp_path / "adapter", tmp_path / "diff.safetensors", to="diff")
+    diff = load_file(tmp_path / "diff.safetensors")[f"{kohya_key(convs[0].name)}.diff"]
+    assert diff.shape == conv.weight.shape
+    export_adapter(tmp_path / "adapter", tmp_path / "lora" / "pytorch_lora_weights.safetensors", to="lora", rank=64)
+    lora = tiny_pipeline()
+    lora.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(generate(lora), adapted, atol=1e-4, rtol=0)
