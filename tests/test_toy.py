@@ -171,3 +171,30 @@ def test_score_api():
     assert J.score(x, shape="square")["shape_acc"] == r["shape_acc"]
     r3 = J.score_prompts(plain, ["a photo of a square"] * 6)
     assert "shape_acc" in r3 and "color_acc" not in r3
+
+
+def test_decoder_refinement_keeps_the_latent_space(tmp_path):
+    """`vae --decoder_only` + `export_vae` (how the shipped decoder was refined): encoder and scaling factor
+    untouched, so the UNet's latent space stays valid; the refinement is recorded in training_info.json."""
+    import json
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from superlora_diffusers.toy import pretrain
+
+    base = tmp_path / "base"
+    shutil.copytree(BASE_MODEL_DIR, base)
+    work = str(tmp_path / "work")
+    pretrain.main(["vae", "--work_dir", work, "--init_from", str(base), "--decoder_only", "--device", "cpu",
+                   "--workers", "1", "--vae_data", "32", "--vae_steps", "3", "--vae_batch", "4", "--vae_lr", "1e-2"])
+    pretrain.main(["export_vae", "--work_dir", work, "--out", str(base)])
+    old = AutoencoderKL.from_pretrained(BASE_MODEL_DIR, subfolder="vae")
+    new = AutoencoderKL.from_pretrained(str(base), subfolder="vae")
+    old_sd, new_sd = old.state_dict(), new.state_dict()
+    assert all(torch.equal(v, new_sd[k]) for k, v in old_sd.items() if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(v, new_sd[k]) for k, v in old_sd.items() if k.startswith("decoder."))
+    assert new.config.scaling_factor == old.config.scaling_factor
+    info = json.loads((base / "training_info.json").read_text())
+    assert info["refinements"][-1]["decoder_only"] and info["refinements"][-1]["steps"] == 3
+    assert info["unet_steps"] == json.loads(open(os.path.join(BASE_MODEL_DIR, "training_info.json")).read())["unet_steps"]

@@ -5,6 +5,7 @@ Stages (run in order; each resumes from its own checkpoint in ``--work_dir``):
   python -m superlora_diffusers.toy.pretrain vae    --work_dir out/pretrain      # AutoencoderKL
   python -m superlora_diffusers.toy.pretrain unet   --work_dir out/pretrain      # UNet + CLIP text encoder
   python -m superlora_diffusers.toy.pretrain export --work_dir out/pretrain      # diffusers folder
+  python -m superlora_diffusers.toy.pretrain export_vae --work_dir out/refine    # swap in a refined decoder
 
 ``--device`` (default: cuda if available) picks where the VAE and UNet stages run; on CUDA they
 use TF32 and bf16 autocast (``--no_amp`` turns that off).  ``--vae_minutes`` / ``--unet_minutes``
@@ -525,9 +526,36 @@ def export(args) -> None:
     print(f"[export] wrote {out} ({total / 1e6:.1f} MB) from step {step}", flush=True)
 
 
+def export_vae(args) -> None:
+    """Swap ``work_dir/vae`` (a ``--decoder_only`` refinement) into the exported folder ``--out`` in fp16,
+    recording the refinement in its training_info.json; the UNet and text encoder are left untouched."""
+    from diffusers import AutoencoderKL
+
+    report_path = os.path.join(args.work_dir, "vae_report.json")
+    with open(report_path) as f:
+        report = json.load(f)
+    if not report.get("decoder_only"):
+        raise SystemExit("export_vae only swaps in a --decoder_only VAE (same latent space); use `export` otherwise.")
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.work_dir, "vae")).to(torch.float16)
+    out = args.out
+    tmp = os.path.join(out, "vae.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    info_path = os.path.join(out, "training_info.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    info.setdefault("refinements", []).append({"stage": "vae decoder (encoder frozen)", **report})
+    shutil.rmtree(os.path.join(out, "vae"))
+    os.rename(tmp, os.path.join(out, "vae"))
+    with open(info_path + ".tmp", "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(info_path + ".tmp", info_path)
+    print(f"[export_vae] {out}/vae replaced (decoder refined: test PSNR {report['psnr_db']:.2f} dB)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["vae", "unet", "export", "all"])
+    ap.add_argument("stage", choices=["vae", "unet", "export", "export_vae", "all"])
     ap.add_argument("--work_dir", default="out/pretrain")
     ap.add_argument("--out", default=DEFAULT_OUT, help="export folder (default: the shipped assets/base)")
     ap.add_argument("--seed", type=int, default=0)
@@ -577,6 +605,8 @@ def main(argv: list[str] | None = None) -> None:
         train_unet(args)
     if args.stage in ("export", "all"):
         export(args)
+    if args.stage == "export_vae":
+        export_vae(args)
 
 
 if __name__ == "__main__":
