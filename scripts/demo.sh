@@ -10,9 +10,9 @@ OUT=${OUT:-out/demo}
   --instance_data_dir examples/striped_star --instance_prompt "a photo of sks star" \
   --with_prior_preservation --class_prompt "a photo of a star" --class_data_dir "$OUT/class_images" \
   --num_class_images 24 \
-  --superlora_preset lorta --rank 8 --groups 4 \
-  --max_train_steps "${STEPS:-400}" --learning_rate 5e-3 --train_batch_size 4 --random_flip \
-  --validation_prompt "a photo of sks star" --validation_steps 200 --num_validation_images 4 \
-  --checkpointing_steps 200 --report_to tensorboard \
+  --superlora_preset lora --rank 4 --target_modules unet+conv \
+  --max_train_steps "${STEPS:-1500}" --learning_rate 3e-3 --train_batch_size 4 --random_flip \
+  --validation_prompt "a photo of sks star" --validation_steps 500 --num_validation_images 4 \
+  --checkpointing_steps 500 --report_to tensorboard \
   --output_dir "$OUT" --overwrite_output_dir
-.venv/bin/python -m superlora_diffusers.evaluate "$OUT" --subject striped_star --n 16
+.venv/bin/python -m superlora_diffusers.evaluate "$OUT" --subject striped_star --n 32

@@ -212,9 +212,10 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     lora1 = sum(o + i for o, i in superlora.shapes)
     if accelerator.is_main_process:
         logger.info("SuperLoRA %s", how)
-        logger.info("adapting %d weights (%s entries); trainable parameters: %d (~%.1f KB as fp32); "
-                    "a rank-1 LoRA of the same targets: %d (%.0fx more)", len(superlora.shapes),
-                    f"{sum(o * i for o, i in superlora.shapes):,}", n_params, 4 * n_params / 1024, lora1, lora1 / n_params)
+        ratio = f"{lora1 / n_params:.1f}x more" if lora1 >= n_params else f"{n_params / lora1:.1f}x fewer"
+        logger.info("adapting %d weights (%s entries); trainable parameters: %s (~%.1f KB as fp32); "
+                    "a rank-1 LoRA of the same targets: %s (%s)", len(superlora.shapes),
+                    f"{sum(o * i for o, i in superlora.shapes):,}", f"{n_params:,}", 4 * n_params / 1024, f"{lora1:,}", ratio)
     for module in (text_encoder, vae, unet):
         module.to(dtype=weight_dtype)
     superlora.to(dtype=torch.float32)  # trainable factors stay fp32 (no "unscale FP16 gradients")
