@@ -51,6 +51,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# --targets conv: the same layers as SuperLoRA's "unet+conv" preset (attention + ResNet conv1/conv2), for peft too
+PEFT_CONV_TARGETS = r".*(\.to_q|\.to_k|\.to_v|\.to_out\.0|resnets\.\d+\.conv1|resnets\.\d+\.conv2)"
 SUBJECTS = ["striped_star", "checker_square", "polka_circle", "rainbow_heart"]
 SEEDS = [0, 1, 2]
 SEARCH_SEED = 100
@@ -206,8 +208,9 @@ def evaluate(unet, te, subject: str, n: int, steps: int, chunk: int = 96) -> dic
     return judge_scores(subj, rectx, bgs, prior, subject, value_range=(0, 1))
 
 
-def add_adapter(method: str, unet, te, seed: int):
-    """Inject the method's adapter; returns (trainable params, file-bytes function)."""
+def add_adapter(method: str, unet, te, seed: int, targets: str = "attention"):
+    """Inject the method's adapter on the attention projections (or, `targets="conv"`, also the ResNet convs);
+    returns (trainable params, file-bytes function, whether the text encoder trains)."""
     spec = METHODS[method]
     torch.manual_seed(seed)
     if spec["kind"] in ("lora", "lokr"):
@@ -215,10 +218,11 @@ def add_adapter(method: str, unet, te, seed: int):
         from peft import LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
         r = spec["r"]
+        peft_targets = PEFT_CONV_TARGETS if targets == "conv" else UNET_TARGETS
         if spec["kind"] == "lora":
-            cfg = LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=UNET_TARGETS)
+            cfg = LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=peft_targets)
         else:
-            cfg = LoKrConfig(r=r, alpha=r, target_modules=UNET_TARGETS)
+            cfg = LoKrConfig(r=r, alpha=r, target_modules=peft_targets)
         inject_adapter_in_model(cfg, unet)
         params = [p for n, p in unet.named_parameters() if ("lora_" in n or "lokr_" in n)]
         for p in params:
@@ -233,6 +237,8 @@ def add_adapter(method: str, unet, te, seed: int):
     from superlora_diffusers.serialization import serialize
 
     config = SuperLoRAConfig(**spec["config"])
+    if targets == "conv" and config.target_modules == "unet":
+        config.target_modules = "unet+conv"
     components = {"unet": unet, "text_encoder": te}
     module = inject_superlora(components, config)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -259,7 +265,7 @@ def run_job(job: dict) -> dict:
     data = W["data"][subject]
     inst, prior = data["inst"].to(dev), data["prior"].to(dev)
     shape = world.SUBJECTS[subject].shape
-    params, file_bytes, train_text = add_adapter(method, unet, te, seed)
+    params, file_bytes, train_text = add_adapter(method, unet, te, seed, job.get("targets", "attention"))
     steps = job["steps"]
     scaling = W["vae"].config.scaling_factor
     sched = W["noise"]
@@ -350,7 +356,7 @@ def hard_exit(executor, code: int) -> None:
 
 
 def job_key(j: dict) -> tuple:
-    return (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"])
+    return (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"], j.get("targets", "attention"))
 
 
 def run(args) -> None:
@@ -373,7 +379,8 @@ def run(args) -> None:
     prepare_data(args)
     print(f"[{time.time() - t_start:6.1f}s] data ready for {args.subjects}; {len(have)} earlier runs reused",
           flush=True)
-    common = dict(steps=args.steps, n_eval=args.n_eval, eval_steps=args.eval_steps, prior_weight=args.prior_weight)
+    common = dict(steps=args.steps, n_eval=args.n_eval, eval_steps=args.eval_steps, prior_weight=args.prior_weight,
+                  targets=args.targets)
     seeds = SEEDS[:args.seeds]
     prio = {m: i for i, m in enumerate(methods)}
     tried: dict[str, list[float]] = {m: list(lr_grid(m, args.lr_grid_size)) for m in methods}
@@ -643,6 +650,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--workers", type=int, default=14)
     r.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     r.add_argument("--steps", type=int, default=400)
+    r.add_argument("--targets", choices=["attention", "conv"], default="attention",
+                   help="conv: every method also adapts the ResNet conv1/conv2 (the toy UNet needs them to learn a "
+                        "subject; see the main-job section of docs/benchmarks.md)")
     r.add_argument("--prior_weight", type=float, default=0.0,
                    help="weight of the prior-preservation loss (0: instance images only; see the docstring)")
     r.add_argument("--n_eval", type=int, default=16, help="images per prompt type")
