@@ -281,6 +281,8 @@ def export_adapter(source, out: str | Path | None = None, to: str = "lora", rank
     an existing file unless `overwrite`. Returns the report (per-layer and overall error, size)."""
     from safetensors.torch import save
 
+    from .serialization import atomic_write_bytes
+
     if out is None:
         if not isinstance(source, (str, Path)):
             raise ExportError("pass an output path: the adapter has no file to export beside.")
@@ -293,26 +295,9 @@ def export_adapter(source, out: str | Path | None = None, to: str = "lora", rank
     if out.exists() and not overwrite:
         raise ExportError(f"{str(out)!r} already exists; pass --force to replace it or choose another --out.")
     state, metadata, report = export_state_dict(source, to, rank, energy, dtype)
-    _atomic_write(out, save(state, metadata=metadata))
+    atomic_write_bytes(out, save(state, metadata=metadata))
     report.path, report.bytes = out, out.stat().st_size
     return report
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_base_pipeline(base: str, torch_dtype: torch.dtype = torch.float32):

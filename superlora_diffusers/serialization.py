@@ -89,8 +89,13 @@ def save_superlora_file(path: str | os.PathLike, module: SuperLoRA, target_names
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} already exists; pass overwrite=True to replace it or choose another path.")
+    atomic_write_bytes(path, serialize(module, target_names, extra))
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, then rename: a crash leaves the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = serialize(module, target_names, extra)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -101,7 +106,6 @@ def save_superlora_file(path: str | os.PathLike, module: SuperLoRA, target_names
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def read_superlora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
