@@ -210,14 +210,13 @@ def toy_pipeline(device: str, dtype: torch.dtype, attention: str):
         what = "toy pipeline (trained base, superlora_diffusers/toy/assets/base)"
     else:
         from superlora_diffusers.toy import pretrain
+        from superlora_diffusers.toy.tokenizer import build_clip_tokenizer, byte_level_tokenizer
 
         torch.manual_seed(0)
         try:
-            from superlora_diffusers.toy.tokenizer import build_clip_tokenizer
-
             tokenizer = build_clip_tokenizer()
         except Exception:  # noqa: BLE001 (open_clip's BPE file missing: a byte-level vocabulary times the same)
-            tokenizer = byte_tokenizer()
+            tokenizer = byte_level_tokenizer()
         pipe = StableDiffusionPipeline(
             vae=pretrain.make_vae(), text_encoder=pretrain.make_text_encoder(), tokenizer=tokenizer,
             unet=pretrain.make_unet(), scheduler=pretrain.make_sample_scheduler(), safety_checker=None,
@@ -228,18 +227,6 @@ def toy_pipeline(device: str, dtype: torch.dtype, attention: str):
     pipe.set_progress_bar_config(disable=True)
     set_attention(pipe.unet, attention)
     return pipe, what
-
-
-def byte_tokenizer():
-    from transformers import CLIPTokenizer
-
-    from superlora_diffusers.toy.tokenizer import _bytes_to_unicode
-
-    chars = list(_bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=77,
-                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                         pad_token="<|endoftext|>")
 
 
 def make_batch(unet, batch: int, latent: int, device: str, dtype: torch.dtype, seed: int = 0):

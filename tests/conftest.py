@@ -8,15 +8,9 @@ import torch
 
 def tiny_tokenizer():
     """A CLIP tokenizer with a byte-level vocabulary and no merges (every word spelt out): tiny and offline."""
-    from transformers import CLIPTokenizer
+    from superlora_diffusers.toy.tokenizer import byte_level_tokenizer
 
-    from superlora_diffusers.toy.tokenizer import _bytes_to_unicode
-
-    chars = list(_bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=32,
-                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                         pad_token="<|endoftext|>")
+    return byte_level_tokenizer(model_max_length=32)
 
 
 def tiny_components(seed: int = 0, cross_attention_dim: int = 32) -> dict:

@@ -28,6 +28,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+def byte_level_tokenizer(model_max_length: int = 77):
+    """A CLIP tokenizer with a byte-level vocabulary and no merges (every word spelt out): tiny, offline, and
+    enough for randomly initialised test and benchmark models that never need real BPE."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=model_max_length,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                         pad_token="<|endoftext|>")
+
+
 def find_bpe_file() -> str:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
