@@ -236,9 +236,10 @@ def add_adapter(method: str, unet, te, seed: int, targets: str = "attention"):
     from superlora_diffusers.model import get_superlora_model, inject_superlora
     from superlora_diffusers.serialization import serialize
 
-    config = SuperLoRAConfig(**spec["config"])
-    if targets == "conv" and config.target_modules == "unet":
-        config.target_modules = "unet+conv"
+    kwargs = dict(spec["config"])
+    if targets == "conv" and kwargs.get("target_modules", "unet") == "unet":
+        kwargs["target_modules"] = "unet+conv"
+    config = SuperLoRAConfig(**kwargs)  # built once, validated with its final targets
     components = {"unet": unet, "text_encoder": te}
     module = inject_superlora(components, config)
     params = [p for p in module.parameters() if p.requires_grad]

@@ -235,9 +235,9 @@ def train_vae(args) -> None:
             vae.register_to_config(scaling_factor=json.load(f)["scaling_factor"])
     vae.to(dev)
     # --decoder_only: the encoder (hence the latent space the UNet learned) stays exactly as it is.
-    trained = [p for n, p in vae.named_parameters() if not args.decoder_only or n.startswith(("decoder.", "post_quant_conv."))]
-    for p in vae.parameters():
-        p.requires_grad_(any(p is q for q in trained))
+    for name, p in vae.named_parameters():
+        p.requires_grad_(not args.decoder_only or name.startswith(("decoder.", "post_quant_conv.")))
+    trained = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=args.vae_lr, weight_decay=0.0, fused=dev.startswith("cuda"))
     np_rng = np.random.default_rng(args.seed)
     step, elapsed = 0, 0.0
