@@ -6,7 +6,7 @@ Every method shares exactly the same data, steps, batch and randomness; only the
     python benchmarks/quality.py run --out out/quality.jsonl --device cuda --workers 14
     # a tiny end-to-end check on CPU
     python benchmarks/quality.py run --out /tmp/q.jsonl --device cpu --workers 1 --steps 5 --n_eval 2 \
-        --eval_steps 2 --subjects striped_star --methods lora_r4,t3_g12_r5 --lr_grid_size 1
+        --eval_steps 2 --subjects striped_star --methods lora_r4,t3_g12_r5 --lr_grid 3e-3
     # table (markdown) + plot (docs/quality.png) from the JSON lines
     python benchmarks/quality.py report benchmarks/results/quality.jsonl
 
@@ -24,8 +24,8 @@ Protocol (one run = one method, one subject, one seed, one learning rate):
   the prior loss at weight 1 (or 0.25) no adapter moved the judge's subject fidelity off the base model's level
   within 1,000 steps (CPU diagnostics, LoRA r8 at lr 3e-3), while without it the subject's stripes appear.
   Prior drift is therefore measured, not trained against: it shows how much each adapter leaks into the class.
-- learning rate: every method tries `LR_GRID` on the first subject with a separate search seed (100); the
-  value with the highest subject fidelity is then used for all subjects x seeds 0, 1, 2.
+- learning rate: every method tries `--lr_grid` (default `LR_GRID`) on the first subject with a separate
+  search seed (100); the value with the highest subject fidelity is then used for all subjects x seeds 0, 1, 2.
 - evaluation (adapter active, DPM-Solver++ over the same modules, guidance 5, fixed generator seeds that
   are the same for every run): n images each of "a photo of sks <class>" (judge subject accuracy and subject
   fidelity), "a photo of sks <class> on a <bg> background" cycling over the world's 4 backgrounds (background
@@ -96,15 +96,6 @@ METHODS: dict[str, dict] = {
     "d2_g4_r8": _s("SuperLoRA 2-D reshape", factorization="lora", groups=4, rank=8),
     "kron_g1_r2": _s("SuperLoRA Kronecker", factorization="kronecker", groups=1, rank=2, kron_factor=6),
 }
-
-
-def lr_grid(method: str, size: int) -> list[float]:
-    grid = LR_GRID
-    if size >= len(grid):
-        return grid
-    mid = len(grid) // 2  # a shorter grid keeps the middle values
-    start = max(0, mid - size // 2)
-    return grid[start:start + size]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -384,7 +375,7 @@ def run(args) -> None:
                   targets=args.targets)
     seeds = SEEDS[:args.seeds]
     prio = {m: i for i, m in enumerate(methods)}
-    tried: dict[str, list[float]] = {m: list(lr_grid(m, args.lr_grid_size)) for m in methods}
+    tried: dict[str, list[float]] = {m: list(args.lr_grid) for m in methods}
     extensions = {m: 0 for m in methods}
     searched: dict[str, dict[float, dict]] = {m: {} for m in methods}
     ready: list[dict] = []
@@ -661,7 +652,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--subjects", default=",".join(SUBJECTS))
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--methods", default="all", help="comma-separated names of METHODS, or all")
-    r.add_argument("--lr_grid_size", type=int, default=len(LR_GRID))
+    r.add_argument("--lr_grid", type=lambda v: [float(x) for x in v.split(",")], default=LR_GRID,
+                   help="comma-separated learning rates every method tries first (default %(default)s)")
     r.add_argument("--lr_extend", type=int, default=2, help="extend the grid at most this many times per method")
     r.add_argument("--max_minutes", type=float, default=1e9, help="stop queueing new runs after this")
     r.add_argument("--grace_s", type=float, default=60, help="then wait this long for the runs in flight")

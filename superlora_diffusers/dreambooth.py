@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import PRESETS, SuperLoRAConfig, config_from_preset
 from .superlora import count_parameters
+from .targets import with_text_encoder
 
 logger = logging.getLogger("superlora.dreambooth")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -78,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kron_splits", type=int, default=None)
     t.add_argument("--kron_factor", type=int, default=None)
     t.add_argument("--target_modules", default=None,
-                   help="preset ('unet', 'unet-cross', 'unet+conv' [adds the ResNet convs, LoCon-style], 'unet+text') or comma-separated module-name regexes")
+                   help="preset ('unet', 'unet-cross', 'unet+conv' [adds the ResNet convs, LoCon-style], 'unet+text', "
+                        "'unet+conv+text') or comma-separated module-name regexes; --train_text_encoder adds the text "
+                        "encoder's attention to any of them")
     t.add_argument("--train_text_encoder", action="store_true",
-                   help="the shared SuperLoRA also spans the text encoder's attention")
+                   help="the shared SuperLoRA also spans the text encoder's attention ('unet+conv' becomes "
+                        "'unet+conv+text'), and the text encoder runs every step")
     o = p.add_argument_group("optimisation")
     o.add_argument("--train_batch_size", type=int, default=4)
     o.add_argument("--num_train_epochs", type=int, default=1)
@@ -143,9 +147,14 @@ def superlora_config_from_args(args: argparse.Namespace, shapes_for) -> tuple[Su
     `shapes_for(target_modules)` returns the (d_out, d_in) list of those targets, so a budget can be
     met exactly before anything is injected.
     """
-    targets = args.target_modules or ("unet+text" if args.train_text_encoder else "unet")
+    targets = args.target_modules or "unet"
     if "," in targets:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if args.train_text_encoder:
+        try:
+            targets = with_text_encoder(targets)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
     if args.param_budget is not None:
         config = choose_config_for_budget(args.param_budget, shapes_for(targets), target_modules=targets)
         return config, f"--param_budget {args.param_budget}: chose {describe(config)}"

@@ -30,7 +30,11 @@ PRESETS = {
     "unet-cross": "the UNet's cross-attention projections only",
     "text": "the text encoders' attention projections only",
     "unet+text": "every UNet attention projection and the text encoders' attention",
+    "unet+conv+text": "'unet+conv' and the text encoders' attention",
 }
+TEXT_ENCODER_PATTERN = r"text_encoder(_2)?\..*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+WITH_TEXT = {"unet": "unet+text", "unet+conv": "unet+conv+text", "text": "text", "unet+text": "unet+text",
+             "unet+conv+text": "unet+conv+text"}
 
 
 @dataclass(frozen=True)
@@ -116,9 +120,9 @@ def find_targets(components: dict[str, nn.Module], target_modules: str | list[st
         for component, module in ordered:
             if component == "unet" and target_modules != "text":
                 candidates += [(f"unet.{p}", m) for p, m in _unet_candidates(module, target_modules == "unet-cross")]
-            if component == "unet" and target_modules == "unet+conv":
+            if component == "unet" and target_modules in ("unet+conv", "unet+conv+text"):
                 candidates += [(f"unet.{p}", m) for p, m in _plain_layers(module) if RESNET_CONVS.fullmatch(p)]
-            if component in TEXT_ENCODERS and target_modules in ("text", "unet+text"):
+            if component in TEXT_ENCODERS and target_modules in ("text", "unet+text", "unet+conv+text"):
                 candidates += [(f"{component}.{p}", m) for p, m in _plain_layers(module) if TEXT_PROJECTION.fullmatch(p)]
     else:
         patterns = [re.compile(p) for p in target_modules]
@@ -133,6 +137,18 @@ def find_targets(components: dict[str, nn.Module], target_modules: str | list[st
             "names with `[n for n, _ in pipe.unet.named_modules()]`."
         )
     return [Target(name, layer) for name, layer in candidates]
+
+
+def with_text_encoder(target_modules: str | list[str]) -> str | list[str]:
+    """The same targets plus the text encoders' attention: what diffusers' `--train_text_encoder` means."""
+    if isinstance(target_modules, str):
+        if target_modules not in WITH_TEXT:
+            raise ValueError(f"target_modules={target_modules!r} has no text-encoder variant; pass module patterns that "
+                             "include the text encoder, or drop --train_text_encoder.")
+        return WITH_TEXT[target_modules]
+    if any(p.startswith("text_encoder") for p in target_modules):
+        return target_modules
+    return [*target_modules, TEXT_ENCODER_PATTERN]
 
 
 def fingerprint(names_and_shapes: list[tuple[str, Shape]]) -> str:

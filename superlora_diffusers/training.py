@@ -164,6 +164,7 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
 
     from .model import get_superlora_model, inject_superlora, target_shapes
     from .serialization import save_superlora_file
+    from .targets import TEXT_ENCODERS
     report_to = None if args.report_to == "none" else args.report_to
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
@@ -208,6 +209,9 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     superlora = inject_superlora(components, config)
     adapter = get_superlora_model(components).adapters["default"]
     target_names = adapter.targets
+    if not args.train_text_encoder and any(n.split(".", 1)[0] in TEXT_ENCODERS for n in target_names):
+        raise TrainingError(f"--target_modules {args.target_modules} adapts the text encoder, which stays frozen; add "
+                            "--train_text_encoder.")
     n_params = superlora.num_parameters()
     lora1 = sum(o + i for o, i in superlora.shapes)
     if accelerator.is_main_process:

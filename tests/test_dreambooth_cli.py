@@ -109,6 +109,30 @@ def test_flags_override_the_preset():
         superlora_config_from_args(bad, lambda targets: SD_LIKE)
 
 
+def test_train_text_encoder_adds_the_text_encoder_to_the_targets():
+    from superlora_diffusers.targets import TEXT_ENCODER_PATTERN
+
+    def targets(*flags: str):
+        args = parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--train_text_encoder", *flags])
+        return superlora_config_from_args(args, lambda targets: SD_LIKE)[0].target_modules
+
+    assert targets() == "unet+text"
+    assert targets("--target_modules", "unet+conv") == "unet+conv+text"
+    assert targets("--target_modules", "unet+text") == "unet+text"
+    assert targets("--target_modules", "to_q,to_v") == ["to_q", "to_v", TEXT_ENCODER_PATTERN]
+    with pytest.raises(TrainingError, match="no text-encoder variant"):
+        targets("--target_modules", "unet-cross")
+
+
+def test_text_encoder_targets_without_training_it_are_refused(tmp_path, capsys):
+    code, err = run_main(capsys, "--instance_data_dir", str(write_images(tmp_path / "inst")), "--instance_prompt",
+                         "a sks star", "--target_modules", "unet+conv+text", "--report_to", "none",
+                         "--output_dir", str(tmp_path / "out"))
+    last = err.splitlines()[-1]  # (above it: the base model's loading progress bar)
+    assert code == 2 and last.startswith("error:") and "add --train_text_encoder" in last and "Traceback" not in err
+    assert not (tmp_path / "out" / "superlora_weights.safetensors").exists()
+
+
 def test_epoch_batches_are_seeded_and_split_across_processes():
     one = epoch_batches(10, 2, seed=0, epoch=3, process=0, processes=1)
     assert one == epoch_batches(10, 2, seed=0, epoch=3, process=0, processes=1)

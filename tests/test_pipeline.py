@@ -46,6 +46,8 @@ def test_target_presets_and_patterns(pipe):
     assert len(text) == 8 and all(t.name.startswith("text_encoder.") for t in text)
     both = find_targets(comps, "unet+text")
     assert [t.name for t in both] == [t.name for t in unet] + [t.name for t in text]  # deterministic order
+    conv = find_targets(comps, "unet+conv")
+    assert [t.name for t in find_targets(comps, "unet+conv+text")] == [t.name for t in conv] + [t.name for t in text]
     suffix = find_targets(comps, ["to_q"])
     assert len(suffix) == 8 and all(t.name.endswith(".to_q") for t in suffix)
     regex = find_targets(comps, [r"unet\..*attn2\.to_(k|v)"])
