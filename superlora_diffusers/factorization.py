@@ -58,6 +58,14 @@ def factor_shapes(config: SuperLoRAConfig, block: Block) -> dict[str, tuple[int,
     return shapes
 
 
+def chunk_numel(config: SuperLoRAConfig, block: Block) -> int:
+    """Entries of one chunk as the factors produce it: prod(fold_shape), or more where Kronecker overshoots."""
+    if config.factorization == "kronecker":
+        dims = kron_factor_dims(config, block)
+        return math.prod(a for a, _ in dims) * math.prod(b for _, b in dims)
+    return math.prod(block.fold_shape)
+
+
 def zero_factor_name(config: SuperLoRAConfig, names: list[str]) -> str:
     """The one tensor initialised to zero so that ΔW starts at exactly zero."""
     if config.factorization == "lora":

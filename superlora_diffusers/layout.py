@@ -155,3 +155,57 @@ class Layout:
             fold, exact = fold_shape(config, projected)
             blocks = [Block(count, size, projected, fold, exact)]
         return cls(tuple(shapes), tuple(blocks))
+
+
+# ---- reading the chunks in place ----------------------------------------------------------------
+# Each block's chunks come out as one contiguous (count, row) tensor whose rows may be longer than the
+# chunk size (folding surplus, Kronecker overshoot, Fastfood's power-of-two length), and the last group
+# may run past N. Slicing those surpluses off would copy every entry forward and zero-fill + copy them
+# backward; instead every weight is read as views between the unused stretches.
+def row_segments(layout: Layout, rows: list[int]) -> list[list[tuple[int, int | None]]]:
+    """Per block: (length, weight index, or None for surplus) along its flattened (count, row) tensor.
+
+    `rows[b]` is the length of one row of block b (>= its chunk size). A weight whose entries straddle
+    a chunk boundary gets several segments, in order.
+    """
+    offsets = [0]
+    for size in layout.sizes:
+        offsets.append(offsets[-1] + size)
+    weight, start, per_block = 0, 0, []
+    for block, row in zip(layout.blocks, rows):
+        segments: list[tuple[int, int | None]] = []
+        for chunk in range(block.count):
+            lo, hi = start + chunk * block.size, min(start + (chunk + 1) * block.size, layout.total)
+            pos = lo
+            while pos < hi:
+                while offsets[weight + 1] <= pos:
+                    weight += 1
+                end = min(hi, offsets[weight + 1])
+                segments.append((end - pos, weight))
+                pos = end
+            surplus = row - max(0, hi - lo)
+            if surplus and segments and segments[-1][1] is None:
+                segments[-1] = (segments[-1][0] + surplus, None)
+            elif surplus:
+                segments.append((surplus, None))
+        per_block.append(segments)
+        start += block.count * block.size
+    return per_block
+
+
+def row_positions(layout: Layout, rows: list[int], positions: torch.Tensor) -> torch.Tensor:
+    """Super-vector positions (chunk order, before unshuffling) -> positions in the concatenated flattened
+    rows. Works in place on `positions` where it can: at SD scale it holds ~10^8 int64 entries."""
+    if all(row == block.size for block, row in zip(layout.blocks, rows)):
+        return positions
+    if len(layout.blocks) == 1:
+        (block,), (row,) = layout.blocks, rows
+        shift = positions.div(block.size, rounding_mode="floor").mul_(row - block.size)
+        return positions.add_(shift)
+    starts = torch.tensor([0] + [b.count * b.size for b in layout.blocks]).cumsum(0)
+    row_starts = torch.tensor([0] + [b.count * r for b, r in zip(layout.blocks, rows)]).cumsum(0)
+    sizes, widths = torch.tensor([b.size for b in layout.blocks]), torch.tensor(rows)
+    which = torch.searchsorted(starts[1:], positions, right=True)
+    local = positions - starts[which]
+    chunk = local.div(sizes[which], rounding_mode="floor")
+    return row_starts[which] + chunk * widths[which] + (local - chunk * sizes[which])

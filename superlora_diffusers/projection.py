@@ -66,8 +66,12 @@ class Fastfood(nn.Module):
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("gauss", (gauss / norm).float(), persistent=False)
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """v: (chunks, in_features) -> (chunks, out_features), in at least fp32 (the WHT sums L terms)."""
+    def forward(self, v: torch.Tensor, keep_padding: bool = False) -> torch.Tensor:
+        """v: (chunks, in_features) -> (chunks, out_features), in at least fp32 (the WHT sums L terms).
+
+        `keep_padding` returns all L entries (the first out_features are F·v): callers that read the
+        rows in place skip the tail instead of paying a slice's copy forward and zero-fill backward.
+        """
         dtype = torch.promote_types(v.dtype, torch.float32)
         x = v.to(dtype) * self.signs[: self.in_features].to(dtype)
         # H_L·pad(x) = 1_{L/m} ⊗ H_m·pad_m(x) for the smallest power of two m >= d: transform only m
@@ -75,7 +79,8 @@ class Fastfood(nn.Module):
         small = 1 << max(0, math.ceil(math.log2(self.in_features)))
         x = fwht(torch.nn.functional.pad(x, (0, small - self.in_features))).repeat(1, self.length // small)
         x = x.index_select(-1, self.perm) * self.gauss.to(dtype)
-        return fwht(x)[..., : self.out_features].to(v.dtype)
+        x = fwht(x)
+        return (x if keep_padding else x[..., : self.out_features]).to(v.dtype)
 
 
 class GaussianProjection(nn.Module):

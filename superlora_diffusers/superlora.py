@@ -2,8 +2,10 @@
 
 Read top to bottom, one forward call does:
   factors (op. 5) -> chunks of ρ·N_g entries -> projection (op. 4) -> chunks of N_g entries
-  -> concatenate the groups (op. 1), drop the folding surplus (op. 2) -> unshuffle (op. 3)
+  -> concatenate the groups (op. 1), skip the folding surplus (op. 2) -> unshuffle (op. 3)
   -> split at each weight's offset -> reshape to (d_out, d_in).
+Every step is a view where it can be: surplus entries are stepped over, never sliced off (a slice
+copies every entry forward and zero-fills + copies them backward: at SD scale most of the cost).
 alpha / rank is applied inside the factors, to the small zero-initialised tensor, never to an N-sized one.
 Grouping and folding mix layers, so the per-layer shortcut x·A·B is unavailable: the whole super-vector
 is materialised once per model forward and every adapted layer reads its slice.
@@ -17,9 +19,9 @@ import torch
 from torch import nn
 
 from .config import SuperLoRAConfig
-from .factorization import ChunkFactors, factor_shapes
-from .layout import Layout, Shape, shuffle_index
-from .projection import build_projection
+from .factorization import ChunkFactors, chunk_numel, factor_shapes
+from .layout import Block, Layout, Shape, row_positions, row_segments, shuffle_index
+from .projection import Fastfood, build_projection
 
 
 class SuperLoRA(nn.Module):
@@ -34,10 +36,12 @@ class SuperLoRA(nn.Module):
             build_projection(config.projection, block.projected, block.size, config.projection_seed + i)
             for i, block in enumerate(self.layout.blocks)
         )
-        # Weight-aligned chunks without shuffle map one-to-one onto the weights: no concatenation needed.
-        self.aligned = config.groups == "weight" and not config.shuffle
+        # Each block's chunks arrive as one (count, row) tensor, rows >= the chunk size: read in place.
+        rows = [row_length(config, block, projection) for block, projection in zip(self.layout.blocks, self.projections)]
+        self.segments = row_segments(self.layout, rows)
         if config.shuffle:
-            self.register_buffer("unshuffle", shuffle_index(self.layout.total, config.shuffle_seed), persistent=False)
+            index = row_positions(self.layout, rows, shuffle_index(self.layout.total, config.shuffle_seed))
+            self.register_buffer("unshuffle", index, persistent=False)
 
     @property
     def shapes(self) -> list[Shape]:
@@ -48,24 +52,42 @@ class SuperLoRA(nn.Module):
 
     def forward(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """All ΔW, one (d_out, d_in) tensor per shape, in `dtype` (default: the factors' dtype)."""
-        chunks = [
-            projection(_narrow(factors(), block.projected)).reshape(-1)
-            for factors, projection, block in zip(self.blocks, self.projections, self.layout.blocks)
-        ]
-        if self.aligned:
-            flats = [_narrow(c, size) for c, size in zip(chunks, self.layout.sizes)]
+        rows = [self._rows(factors, projection, block)
+                for factors, projection, block in zip(self.blocks, self.projections, self.layout.blocks)]
+        if self.config.shuffle:  # the gather index points past every surplus: nothing to trim first
+            flat = rows[0] if len(rows) == 1 else torch.cat(rows)
+            flats = list(flat.index_select(0, self.unshuffle).split(self.layout.sizes))
         else:
-            flat = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-            if self.config.shuffle:  # the gather index never reaches the surplus: no trimming needed first
-                flat = flat.index_select(0, self.unshuffle)
-            # The folding surplus rides along as a last, unused piece: one copy in backward instead of two.
-            surplus = flat.numel() - self.layout.total
-            flats = flat.split(self.layout.sizes + ([surplus] if surplus else []))
+            pieces: list[list[torch.Tensor]] = [[] for _ in self.layout.shapes]
+            for flat, segments in zip(rows, self.segments):
+                parts = flat.split([length for length, _ in segments]) if len(segments) > 1 else (flat,)
+                for part, (_, weight) in zip(parts, segments):
+                    if weight is not None:
+                        pieces[weight].append(part)
+            flats = [p[0] if len(p) == 1 else torch.cat(p) for p in pieces]  # cat only where a chunk boundary cuts
         out = []
         for piece, shape in zip(flats, self.layout.shapes):
             delta = piece.view(shape)
             out.append(delta if dtype is None else delta.to(dtype))
         return out
+
+    def _rows(self, factors: ChunkFactors, projection: nn.Module, block: Block) -> torch.Tensor:
+        """One block's chunks, flattened row after row, surplus entries included (operations 5 then 4)."""
+        chunks = factors()
+        if isinstance(projection, Fastfood):
+            chunks = projection(_narrow(chunks, block.projected), keep_padding=True)
+        elif not isinstance(projection, nn.Identity):
+            chunks = projection(_narrow(chunks, block.projected))
+        return chunks.reshape(-1)
+
+
+def row_length(config: SuperLoRAConfig, block: Block, projection: nn.Module) -> int:
+    """Entries of one row of a block's (count, row) output: what the projection, or else the factors, produce."""
+    if isinstance(projection, Fastfood):
+        return projection.length
+    if isinstance(projection, nn.Identity):
+        return chunk_numel(config, block)
+    return block.size
 
 
 def _narrow(t: torch.Tensor, size: int) -> torch.Tensor:

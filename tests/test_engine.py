@@ -282,6 +282,49 @@ def test_grouping_padding_never_leaks():
     assert grads.shape == (4, 5, 2)
 
 
+def reference_deltas(module: SuperLoRA) -> list[torch.Tensor]:
+    """The method note's recipe, literally: trim every chunk to N_g, concatenate, unshuffle, split."""
+    chunks = []
+    for factors, projection, block in zip(module.blocks, module.projections, module.layout.blocks):
+        chunk = factors()
+        if not isinstance(projection, nn.Identity):
+            chunk = projection(chunk[:, : block.projected])
+        chunks.append(chunk[:, : block.size].reshape(-1))
+    flat = torch.cat(chunks)[: module.layout.total]
+    if module.config.shuffle:
+        flat = flat[shuffle_index(module.layout.total, module.config.shuffle_seed)]
+    return [piece.view(shape) for piece, shape in zip(flat.split(module.layout.sizes), module.layout.shapes)]
+
+
+READ_IN_PLACE = {
+    **CONFIGS,
+    "tucker_weight_shuffle": SuperLoRAConfig(factorization="tucker", groups="weight", fold=3, rank=2, shuffle=True),
+    "tucker_weight_fastfood": SuperLoRAConfig(factorization="tucker", groups="weight", fold=3, rank=2,
+                                              projection="fastfood", projection_ratio=0.4),
+    "tucker_fastfood_shuffle": SuperLoRAConfig(factorization="tucker", groups=3, fold=3, rank=2, shuffle=True,
+                                               projection="fastfood", projection_ratio=0.4),
+    "kron_overshoot_g3": SuperLoRAConfig(factorization="kronecker", groups=3, rank=1, kron_factor=2),
+}
+
+
+@pytest.mark.parametrize("name", READ_IN_PLACE)
+def test_reading_chunks_in_place_equals_trimming_them(name):
+    """The engine steps over surplus entries instead of slicing them off; values and gradients must not change."""
+    torch.manual_seed(0)
+    module = SuperLoRA(READ_IN_PLACE[name], SHAPES).double()
+    for p in module.parameters():
+        p.data.normal_()
+    got, expected = module(), reference_deltas(module)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    weights = [torch.randn(shape, dtype=torch.float64) for shape in SHAPES]
+    params = list(module.parameters())
+    grads = torch.autograd.grad(sum((d * w).sum() for d, w in zip(got, weights)), params)
+    expected_grads = torch.autograd.grad(sum((d * w).sum() for d, w in zip(expected, weights)), params)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_shuffle_spreads_each_group_over_layers():
     shapes = [(10, 10), (10, 10)]
     config = SuperLoRAConfig.group_lora(groups=2, rank=1, shuffle=True, shuffle_seed=0)
