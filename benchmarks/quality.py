@@ -4,6 +4,9 @@ Every method shares exactly the same data, steps, batch and randomness; only the
 
     # the whole benchmark (one GPU machine, many runs at once on one GPU; results appended as JSON lines)
     python benchmarks/quality.py run --out out/quality.jsonl --device cuda --workers 14
+    # the README demo's recipe for every method (conv targets, CLIP attention, prior preservation)
+    python benchmarks/quality.py run --out out/quality-te.jsonl --targets conv --train_text_encoder --prior_weight 1 \
+        --steps 1500 --lr_grid 1e-3,3e-3,1e-2
     # a tiny end-to-end check on CPU
     python benchmarks/quality.py run --out /tmp/q.jsonl --device cpu --workers 1 --steps 5 --n_eval 2 \
         --eval_steps 2 --subjects striped_star --methods lora_r4,t3_g12_r5 --lr_grid 3e-3
@@ -18,7 +21,8 @@ Protocol (one run = one method, one subject, one seed, one learning rate):
   (weight decay 1e-2), constant learning rate, gradient clipping 1.0, fp32 (+TF32 on CUDA). All randomness
   (which images, latent sampling, noise, timesteps) comes from one CPU generator seeded by the run's seed, and
   the adapter's initialisation from `torch.manual_seed(seed)`. Text encoder frozen, except the SuperLoRA
-  "unet+text" variant, where the shared SuperLoRA also adapts CLIP's attention and CLIP runs every step.
+  "unet+text" variant, where the shared SuperLoRA also adapts CLIP's attention and CLIP runs every step, and
+  with `--train_text_encoder`, where every method (peft LoRA/LoKr on q/k/v/out_proj too) does so.
 - prior preservation: the default weight is 0. On this toy base model "a photo of sks star" and
   "a photo of a star" give CLIP states that differ by ~6% of their norm (vs ~35% between two shapes), and with
   the prior loss at weight 1 (or 0.25) no adapter moved the judge's subject fidelity off the base model's level
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # --train_text_encoder: CLIP attention, every method
 # --targets conv: the same layers as SuperLoRA's "unet+conv" preset (attention + ResNet conv1/conv2), for peft too
 PEFT_CONV_TARGETS = r".*(\.to_q|\.to_k|\.to_v|\.to_out\.0|resnets\.\d+\.conv1|resnets\.\d+\.conv2)"
 SUBJECTS = ["striped_star", "checker_square", "polka_circle", "rainbow_heart"]
@@ -199,9 +205,10 @@ def evaluate(unet, te, subject: str, n: int, steps: int, chunk: int = 96) -> dic
     return judge_scores(subj, rectx, bgs, prior, subject, value_range=(0, 1))
 
 
-def add_adapter(method: str, unet, te, seed: int, targets: str = "attention"):
-    """Inject the method's adapter on the attention projections (or, `targets="conv"`, also the ResNet convs);
-    returns (trainable params, file-bytes function, whether the text encoder trains)."""
+def add_adapter(method: str, unet, te, seed: int, targets: str = "attention", text: bool = False):
+    """Inject the method's adapter on the attention projections (or, `targets="conv"`, also the ResNet convs;
+    `text`: also CLIP's attention, for every method); returns (trainable params, file-bytes function,
+    whether the text encoder trains)."""
     spec = METHODS[method]
     torch.manual_seed(seed)
     if spec["kind"] in ("lora", "lokr"):
@@ -215,14 +222,19 @@ def add_adapter(method: str, unet, te, seed: int, targets: str = "attention"):
         else:
             cfg = LoKrConfig(r=r, alpha=r, target_modules=peft_targets)
         inject_adapter_in_model(cfg, unet)
-        params = [p for n, p in unet.named_parameters() if ("lora_" in n or "lokr_" in n)]
+        models = {"unet": unet}
+        if text:
+            inject_adapter_in_model(dataclasses.replace(cfg, target_modules=CLIP_TARGETS), te)
+            models["text_encoder"] = te
+        params = [p for m in models.values() for n, p in m.named_parameters() if ("lora_" in n or "lokr_" in n)]
         for p in params:
             p.requires_grad_(True)
 
         def file_bytes() -> int:
-            sd = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+            sd = {f"{name}.{k}": v.detach().float().cpu().contiguous()
+                  for name, m in models.items() for k, v in get_peft_model_state_dict(m).items()}
             return len(safetensors.torch.save(sd))
-        return params, file_bytes, False
+        return params, file_bytes, text
     from superlora_diffusers import SuperLoRAConfig
     from superlora_diffusers.model import get_superlora_model, inject_superlora
     from superlora_diffusers.serialization import serialize
@@ -230,6 +242,8 @@ def add_adapter(method: str, unet, te, seed: int, targets: str = "attention"):
     kwargs = dict(spec["config"])
     if targets == "conv" and kwargs.get("target_modules", "unet") == "unet":
         kwargs["target_modules"] = "unet+conv"
+    if text and "text" not in kwargs.get("target_modules", "unet"):
+        kwargs["target_modules"] = kwargs.get("target_modules", "unet") + "+text"
     config = SuperLoRAConfig(**kwargs)  # built once, validated with its final targets
     components = {"unet": unet, "text_encoder": te}
     module = inject_superlora(components, config)
@@ -238,7 +252,7 @@ def add_adapter(method: str, unet, te, seed: int, targets: str = "attention"):
 
     def file_bytes() -> int:
         return len(serialize(module, targets))
-    return params, file_bytes, config.target_modules == "unet+text"
+    return params, file_bytes, "text" in config.target_modules
 
 
 def run_job(job: dict) -> dict:
@@ -257,7 +271,8 @@ def run_job(job: dict) -> dict:
     data = W["data"][subject]
     inst, prior = data["inst"].to(dev), data["prior"].to(dev)
     shape = world.SUBJECTS[subject].shape
-    params, file_bytes, train_text = add_adapter(method, unet, te, seed, job.get("targets", "attention"))
+    params, file_bytes, train_text = add_adapter(method, unet, te, seed, job.get("targets", "attention"),
+                                                 job.get("text", False))
     steps = job["steps"]
     scaling = W["vae"].config.scaling_factor
     sched = W["noise"]
@@ -348,7 +363,8 @@ def hard_exit(executor, code: int) -> None:
 
 
 def job_key(j: dict) -> tuple:
-    return (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"], j.get("targets", "attention"))
+    return (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"], j.get("targets", "attention"),
+            j.get("text", False), j["steps"], j["prior_weight"])
 
 
 def run(args) -> None:
@@ -372,7 +388,7 @@ def run(args) -> None:
     print(f"[{time.time() - t_start:6.1f}s] data ready for {args.subjects}; {len(have)} earlier runs reused",
           flush=True)
     common = dict(steps=args.steps, n_eval=args.n_eval, eval_steps=args.eval_steps, prior_weight=args.prior_weight,
-                  targets=args.targets)
+                  targets=args.targets, text=args.train_text_encoder)
     seeds = SEEDS[:args.seeds]
     prio = {m: i for i, m in enumerate(methods)}
     tried: dict[str, list[float]] = {m: list(args.lr_grid) for m in methods}
@@ -645,6 +661,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--targets", choices=["attention", "conv"], default="attention",
                    help="conv: every method also adapts the ResNet conv1/conv2 (the toy UNet needs them to learn a "
                         "subject; see the main-job section of docs/benchmarks.md)")
+    r.add_argument("--train_text_encoder", action="store_true",
+                   help="every method also adapts CLIP's attention (peft LoRA/LoKr on q/k/v/out_proj, SuperLoRA's "
+                        "'+text' targets), as the README demo does")
     r.add_argument("--prior_weight", type=float, default=0.0,
                    help="weight of the prior-preservation loss (0: instance images only; see the docstring)")
     r.add_argument("--n_eval", type=int, default=16, help="images per prompt type")
