@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .export import adapter_info, check_base
+    from .superlora import versus_lora1
 
     info = adapter_info(args.file)
     if args.base:
@@ -160,7 +161,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"config:           {json.dumps(shown)}",
         f"parameters:       {info['num_parameters']:,} trainable "
         f"(a rank-1 LoRA of the same layers: {info['lora_rank1_parameters']:,}, "
-        f"{info['lora_rank1_parameters'] / max(info['num_parameters'], 1):,.0f}x more)",
+        f"{versus_lora1(info['num_parameters'], info['lora_rank1_parameters'])})",
         f"targets:          {info['num_targets']} layers ("
         + ", ".join(f"{c}: {n}" for c, n in info["targets_per_component"].items())
         + f"), {info['adapted_entries']:,} adapted weight entries",

@@ -37,6 +37,7 @@ from .dreambooth import (
     step_generator,
     superlora_config_from_args,
 )
+from .superlora import versus_lora1
 
 logger = logging.getLogger("superlora.dreambooth")
 STATE_FILE = "superlora_training_state.json"
@@ -216,10 +217,9 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     lora1 = sum(o + i for o, i in superlora.shapes)
     if accelerator.is_main_process:
         logger.info("SuperLoRA %s", how)
-        ratio = f"{lora1 / n_params:.1f}x more" if lora1 >= n_params else f"{n_params / lora1:.1f}x fewer"
         logger.info("adapting %d weights (%s entries); trainable parameters: %s (~%.1f KB as fp32); "
                     "a rank-1 LoRA of the same targets: %s (%s)", len(superlora.shapes),
-                    f"{sum(o * i for o, i in superlora.shapes):,}", f"{n_params:,}", 4 * n_params / 1024, f"{lora1:,}", ratio)
+                    f"{sum(o * i for o, i in superlora.shapes):,}", f"{n_params:,}", 4 * n_params / 1024, f"{lora1:,}", versus_lora1(n_params, lora1))
     for module in (text_encoder, vae, unet):
         module.to(dtype=weight_dtype)
     superlora.to(dtype=torch.float32)  # trainable factors stay fp32 (no "unscale FP16 gradients")
@@ -477,7 +477,7 @@ Trained with `train_dreambooth_superlora.py` on `{args.pretrained_model_name_or_
 {f"and prior preservation on *{args.class_prompt}*" if args.with_prior_preservation else ""}.
 
 - trainable parameters: **{n_params:,}** ({weights.stat().st_size:,} bytes on disk); a rank-1 LoRA of the same
-  targets has {lora1:,} ({lora1 / n_params:.0f}x more)
+  targets has {lora1:,} ({versus_lora1(n_params, lora1)})
 - configuration: {describe(config)}; targets: {config.target_modules}
 - steps: {args.max_train_steps or 'from epochs'}, learning rate {args.learning_rate}, batch {args.train_batch_size}, seed {args.seed}
 

@@ -12,6 +12,7 @@ from superlora_diffusers import SuperLoRA, SuperLoRAConfig, config_from_preset, 
 from superlora_diffusers.factorization import factor_shapes, zero_factor_name
 from superlora_diffusers.layout import Layout, iroot_ceil, lycoris_factorization, shuffle_index
 from superlora_diffusers.projection import Fastfood, GaussianProjection, fwht, hadamard
+from superlora_diffusers.superlora import versus_lora1
 
 PAPER = [(768, 744)]  # the method note's adapted size S = 571,392
 
@@ -69,6 +70,11 @@ def test_lora_reference_counts():
     assert count_parameters(SuperLoRAConfig.lora(rank=8), PAPER) == 8 * (768 + 744)
     # 2-D reshape: G·2r·ceil(sqrt(N'))
     assert count_parameters(SuperLoRAConfig.group_lora(groups=1, rank=7), PAPER) == 2 * 7 * math.ceil(math.sqrt(571392))
+
+
+def test_rank1_lora_comparison_reads_right_both_ways():
+    assert versus_lora1(1348, 273024) == "202.5x more than this adapter"
+    assert versus_lora1(154240, 38560) == "4.0x fewer than this adapter"  # the card once said "0x more"
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -52,6 +52,7 @@ def test_full_run_writes_adapter_card_samples_logs_and_reloads(base_dir, tmp_pat
     assert (out / "samples.png").is_file() and list((out / "logs").rglob("events.out.tfevents*"))
     card = (out / "README.md").read_text()
     assert "a photo of sks star" in card and "trainable parameters" in card and "superlora" in card
+    assert "than this adapter" in card
     trained = factors(out / WEIGHTS)
     assert any(float(t.abs().max()) > 0 for t in trained.values())
 
