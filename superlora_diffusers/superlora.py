@@ -38,10 +38,12 @@ class SuperLoRA(nn.Module):
         )
         # Each block's chunks arrive as one (count, row) tensor, rows >= the chunk size: read in place.
         rows = [row_length(config, block, projection) for block, projection in zip(self.layout.blocks, self.projections)]
-        self.segments = row_segments(self.layout, rows)
-        if config.shuffle:
+        if config.shuffle:  # the gather reads every weight's entries straight out of the rows
             index = row_positions(self.layout, rows, shuffle_index(self.layout.total, config.shuffle_seed))
             self.register_buffer("unshuffle", index, persistent=False)
+        else:  # per block: the split sizes along its rows, and which weight (or None: surplus) each piece is
+            self.segments = [([length for length, _ in segs], [weight for _, weight in segs])
+                             for segs in row_segments(self.layout, rows)]
 
     @property
     def shapes(self) -> list[Shape]:
@@ -59,9 +61,9 @@ class SuperLoRA(nn.Module):
             flats = list(flat.index_select(0, self.unshuffle).split(self.layout.sizes))
         else:
             pieces: list[list[torch.Tensor]] = [[] for _ in self.layout.shapes]
-            for flat, segments in zip(rows, self.segments):
-                parts = flat.split([length for length, _ in segments]) if len(segments) > 1 else (flat,)
-                for part, (_, weight) in zip(parts, segments):
+            for flat, (lengths, owners) in zip(rows, self.segments):
+                parts = flat.split(lengths) if len(lengths) > 1 else (flat,)
+                for part, weight in zip(parts, owners):
                     if weight is not None:
                         pieces[weight].append(part)
             flats = [p[0] if len(p) == 1 else torch.cat(p) for p in pieces]  # cat only where a chunk boundary cuts
