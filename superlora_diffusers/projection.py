@@ -22,21 +22,20 @@ DENSE_LIMIT = 1 << 26  # entries of a dense Gaussian map (256 MB in fp32) before
 def fwht(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     """Unnormalised fast Walsh-Hadamard transform over the last dim (a power of two), O(L log L).
 
-    H_L = H_{s1} ⊗ H_{s2} ⊗ …: each pass views the vector as (s, L/s), multiplies the leading axis by
-    the small Hadamard H_s with one batched matmul on a transposed view (no copy), and leaves that axis
-    last. After every axis has had its pass the original order is back. log_s(L) passes instead of
-    log2(L), and autograd differentiates it as the linear map it is (Hᵀ = H).
+    H_L = H_{s1} ⊗ H_{s2} ⊗ …: pass k views the vector as (outer, s_k, inner) and multiplies the middle
+    axis by the small Hadamard H_s with one contiguous batched matmul (no transposed copies, forward or
+    backward). log_s(L) passes instead of log2(L); autograd differentiates it as the linear map it is.
     """
     length = x.shape[-1]
     if length & (length - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {length}.")
-    y = x.reshape(-1, length)
-    rest = length
-    while rest > 1:
-        size = min(block, rest)
-        rest //= size
+    y, outer, inner = x, x.numel() // max(1, length), length
+    while inner > 1:
+        size = min(block, inner)
+        inner //= size
         h = hadamard(size, dtype=x.dtype, device=x.device)
-        y = torch.matmul(y.view(y.shape[0], size, length // size).transpose(1, 2), h)
+        y = y.reshape(-1, size) @ h if inner == 1 else torch.matmul(h, y.reshape(outer, size, inner))
+        outer *= size
     return y.reshape(x.shape)
 
 
@@ -59,11 +58,15 @@ class Fastfood(nn.Module):
         self.length = 1 << max(0, math.ceil(math.log2(out_features)))
         gen = torch.Generator(device="cpu").manual_seed(seed)
         signs = torch.randint(0, 2, (self.length,), generator=gen).float() * 2 - 1  # ±1: exact in any dtype
-        perm = torch.randperm(self.length, generator=gen)  # int64: index_select's backward is slow with int32
+        perm = torch.randperm(self.length, generator=gen)
         gauss = torch.randn(self.length, generator=gen, dtype=torch.float64)
         norm = math.sqrt(self.length * float(gauss.pow(2).sum())) * math.sqrt(out_features / self.length)
+        # H_L·pad(x) = 1_{L/m} ⊗ H_m·pad_m(x) for the smallest power of two m >= d, so the forward
+        # transforms m entries only, and Π reads the tiled vector at Π(i) = reading H_m·pad_m(x) at
+        # Π(i) mod m: a gather from an m-sized (cache-sized for small d) source, never an L-sized tile.
+        self.small = 1 << max(0, math.ceil(math.log2(in_features)))
         self.register_buffer("signs", signs, persistent=False)
-        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("source", perm % self.small, persistent=False)  # int64: faster backward
         self.register_buffer("gauss", (gauss / norm).float(), persistent=False)
 
     def forward(self, v: torch.Tensor, keep_padding: bool = False) -> torch.Tensor:
@@ -74,11 +77,8 @@ class Fastfood(nn.Module):
         """
         dtype = torch.promote_types(v.dtype, torch.float32)
         x = v.to(dtype) * self.signs[: self.in_features].to(dtype)
-        # H_L·pad(x) = 1_{L/m} ⊗ H_m·pad_m(x) for the smallest power of two m >= d: transform only m
-        # entries and tile them, instead of a full-length transform of a mostly-zero vector.
-        small = 1 << max(0, math.ceil(math.log2(self.in_features)))
-        x = fwht(torch.nn.functional.pad(x, (0, small - self.in_features))).repeat(1, self.length // small)
-        x = x.index_select(-1, self.perm) * self.gauss.to(dtype)
+        x = fwht(torch.nn.functional.pad(x, (0, self.small - self.in_features)))
+        x = x.index_select(-1, self.source) * self.gauss.to(dtype)
         x = fwht(x)
         return (x if keep_padding else x[..., : self.out_features]).to(v.dtype)
 

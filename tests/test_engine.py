@@ -223,7 +223,10 @@ def test_fastfood_equals_dense_reference(d, D):
     L = ff.length
     H = explicit_hadamard(L)
     B = torch.diag(ff.signs.double())
-    P = torch.eye(L, dtype=torch.float64)[ff.perm.long()]  # (P x)_i = x_perm[i]
+    gen = torch.Generator().manual_seed(7)
+    torch.randint(0, 2, (L,), generator=gen)  # the signs come first from the seed, then Π
+    perm = torch.randperm(L, generator=gen)
+    P = torch.eye(L, dtype=torch.float64)[perm]  # (P x)_i = x_perm[i], on the full L-length vector
     G = torch.diag(ff.gauss.double())
     dense = (H @ G @ P @ H @ B)[:D, :d]
     v = torch.randn(4, d, dtype=torch.float64)
@@ -234,7 +237,7 @@ def test_fastfood_equals_dense_reference(d, D):
 
 def test_projection_is_seeded_and_not_saved():
     a, b, c = Fastfood(10, 100, seed=1), Fastfood(10, 100, seed=1), Fastfood(10, 100, seed=2)
-    assert torch.equal(a.perm, b.perm) and torch.equal(a.gauss, b.gauss)
+    assert torch.equal(a.source, b.source) and torch.equal(a.gauss, b.gauss)
     assert not torch.equal(a.gauss, c.gauss)
     assert a.state_dict() == {}
     assert GaussianProjection(4, 9, seed=0).state_dict() == {}
@@ -250,7 +253,7 @@ def test_gaussian_projection_refuses_huge_dense_maps():
 def test_fastfood_memory_is_linear():
     ff = Fastfood(1000, 100_000, seed=0)
     buffer_bytes = sum(b.numel() * b.element_size() for b in ff.buffers())
-    assert buffer_bytes <= 16 * ff.length  # fp32 signs + int64 perm + fp32 gauss; never an L x L matrix
+    assert buffer_bytes <= 16 * ff.length  # fp32 signs + int64 Π + fp32 gauss; never an L x L matrix
 
 
 # ---- grouping, folding, shuffling -------------------------------------------------------------------
