@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent), then the main job on the embedded default base model, offline:
-# DreamBooth a SuperLoRA on the bundled images of one subject, then generate with it and judge the result.
+# DreamBooth a SuperLoRA on the bundled images of one subject and generate with it (validation grids and a
+# last validation from the reloaded weights, all under $OUT). The judge's scores are a separate command (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,4 +16,5 @@ OUT=${OUT:-out/demo}
   --validation_prompt "a photo of sks star" --validation_steps 500 --num_validation_images 4 \
   --checkpointing_steps 500 --report_to tensorboard \
   --output_dir "$OUT" --overwrite_output_dir
-.venv/bin/python -m superlora_diffusers.evaluate "$OUT" --subject striped_star --n 32
+echo "Adapter, model card and sample images: $OUT/. Judge base vs adapter (about 2 minutes):"
+echo "  .venv/bin/python -m superlora_diffusers.evaluate $OUT --subject striped_star --n 32"
