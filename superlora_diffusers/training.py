@@ -37,7 +37,7 @@ from .dreambooth import (
     step_generator,
     superlora_config_from_args,
 )
-from .superlora import versus_lora1
+from .superlora import lora_parameter_count, versus_lora1
 
 logger = logging.getLogger("superlora.dreambooth")
 STATE_FILE = "superlora_training_state.json"
@@ -214,12 +214,12 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
         raise TrainingError(f"--target_modules {args.target_modules} adapts the text encoder, which stays frozen; add "
                             "--train_text_encoder.")
     n_params = superlora.num_parameters()
-    lora1 = sum(o + i for o, i in superlora.shapes)
+    lora1 = lora_parameter_count(superlora.shapes)
     if accelerator.is_main_process:
         logger.info("SuperLoRA %s", how)
         logger.info("adapting %d weights (%s entries); trainable parameters: %s (~%.1f KB as fp32); "
                     "a rank-1 LoRA of the same targets: %s (%s)", len(superlora.shapes),
-                    f"{sum(o * i for o, i in superlora.shapes):,}", f"{n_params:,}", 4 * n_params / 1024, f"{lora1:,}", versus_lora1(n_params, lora1))
+                    f"{superlora.layout.total:,}", f"{n_params:,}", 4 * n_params / 1024, f"{lora1:,}", versus_lora1(n_params, lora1))
     for module in (text_encoder, vae, unet):
         module.to(dtype=weight_dtype)
     superlora.to(dtype=torch.float32)  # trainable factors stay fp32 (no "unscale FP16 gradients")
