@@ -3,7 +3,9 @@
 Each model forward (UNet or text encoder) starts with a pre-hook on that component: it reads the call's
 scale, and in training marks the ΔW stale so the next adapted layer regenerates the WHOLE super-vector
 once, with autograd; at inference the ΔW is cached until a factor changes, so a 25-step denoising loop
-generates it once. Every adapted projection then computes `x·(W + s·ΔW_l)ᵀ + b`.
+generates it once. Every adapted projection then computes `x·(W + s·ΔW_l)ᵀ + b`. The one exception is
+training a weight whose ΔW is a plain B·A (the LoRA preset): that layer computes `x·Wᵀ + s·x·Aᵀ·Bᵀ + b`, as
+peft does, so no d_out × d_in ΔW or weight gradient is formed.
 
 Why the projections and not attention processors: diffusers' processor-based LoRA was dropped because
 every processor swap (`set_attn_processor`, xformers, slicing) silently lost it, and CLIP has no processor
@@ -50,16 +52,26 @@ class AdaptedLayer:
         self.model, self.name, self.layer, self.parent = model, target.name, target.module, parent
         self.component = target.component
         self.slots: dict[str, int] = {}  # adapter name -> index of this weight in that adapter's ΔW list
+        conv = isinstance(self.layer, nn.Conv2d)  # x·Aᵀ·Bᵀ as two convs needs a plain zero-padded conv
+        self.low_rank_ok = not conv or (self.layer.groups == 1 and self.layer.padding_mode == "zeros")
         self.layer.forward = self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = self.model.delta_for(self)
+        delta, low_rank = self.model.terms_for(self)
         weight = self.layer.weight
         if delta is not None:
             weight = weight + delta.view(weight.shape).to(weight.dtype)
-        if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, weight, self.layer.bias)
-        return F.linear(x, weight, self.layer.bias)
+        conv = isinstance(self.layer, nn.Conv2d)
+        out = self.layer._conv_forward(x, weight, self.layer.bias) if conv else F.linear(x, weight, self.layer.bias)
+        for scale, b, a in low_rank:  # scale·x·Aᵀ·Bᵀ: for a conv, A as an r-channel kernel, then B as a 1x1 conv
+            b, a = b.to(x.dtype), a.to(x.dtype)
+            if conv:
+                c = self.layer
+                h = F.conv2d(x, a.view(a.shape[0], *c.weight.shape[1:]), None, c.stride, c.padding, c.dilation)
+                out = out + scale * F.conv2d(h, b[..., None, None])
+            else:
+                out = out + scale * F.linear(F.linear(x, a), b)
+        return out
 
     def remove(self) -> None:
         del self.layer.forward  # back to the class's own forward
@@ -198,29 +210,47 @@ class SuperLoRAModel:
         elif self._cache_key is not None:  # never train through a ΔW generated without autograd
             self._invalidate()
         if name not in self._deltas:
-            adapter = self.adapters[name]
-            layer = self.layers[adapter.targets[0]]
-            device = layer.layer.weight.device
-            if next(adapter.module.parameters()).device != device:
-                adapter.module.to(device)  # follows pipe.to(...): the factors keep their own dtype
-            self._deltas[name] = adapter.module()
+            self._deltas[name] = self._on_device(name)()
             self.generations += 1
         return self._deltas[name]
 
+    def _on_device(self, name: str) -> SuperLoRA:
+        """Adapter `name`'s module, moved to its layers' device first (follows pipe.to(...); dtype unchanged)."""
+        adapter = self.adapters[name]
+        device = self.layers[adapter.targets[0]].layer.weight.device
+        if next(adapter.module.parameters()).device != device:
+            adapter.module.to(device)
+        return adapter.module
+
     def delta_for(self, layer: AdaptedLayer) -> torch.Tensor | None:
         """The ΔW this layer adds now: Σ_adapters weight · call scale · ΔW, or None when nothing applies."""
+        return self.terms_for(layer, low_rank=False)[0]
+
+    def terms_for(self, layer: AdaptedLayer, low_rank: bool = True
+                  ) -> tuple[torch.Tensor | None, list[tuple[float, torch.Tensor, torch.Tensor]]]:
+        """(summed dense ΔW or None, [(weight · call scale, B, A)]) for this layer now.
+
+        With autograd on, a weight whose ΔW is a plain B·A (the LoRA preset) comes back as its factors, so the
+        layer trains on x·Aᵀ·Bᵀ like peft instead of forming W + ΔW and a dense weight gradient. At inference
+        the cached dense ΔW is cheaper (generated once per pipeline call), so every adapter goes the dense way.
+        """
         if not self.enabled or self.originals is not None:
-            return None
+            return None, []
+        low_rank = low_rank and layer.low_rank_ok and torch.is_grad_enabled()
         scale = self.scales.get(layer.component, 1.0)
-        total = None
+        total, factored = None, []
         for name, index in layer.slots.items():
             weight = self.weights.get(name, 0.0) * scale
             if weight == 0.0:
                 continue
+            factors = self._on_device(name).low_rank(index) if low_rank else None
+            if factors is not None:
+                factored.append((weight, *factors))
+                continue
             delta = self.deltas(name)[index]
             delta = delta if weight == 1.0 else delta * weight
             total = delta if total is None else total + delta
-        return total
+        return total, factored
 
     @contextlib.contextmanager
     def text_scale(self, scale: float | None) -> Iterator[None]:

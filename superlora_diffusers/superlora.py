@@ -44,6 +44,7 @@ class SuperLoRA(nn.Module):
         else:  # per block: the split sizes along its rows, and which weight (or None: surplus) each piece is
             self.segments = [([length for length, _ in segs], [weight for _, weight in segs])
                              for segs in row_segments(self.layout, rows)]
+        self.low_rank_slots = low_rank_slots(config, self.layout, rows)
 
     @property
     def shapes(self) -> list[Shape]:
@@ -73,6 +74,19 @@ class SuperLoRA(nn.Module):
             out.append(delta if dtype is None else delta.to(dtype))
         return out
 
+    def low_rank(self, weight: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) with ΔW = B·A (alpha / rank in B) where a weight's chunk is the weight itself (plain LoRA), else None.
+
+        Adapted layers then train on x·Aᵀ·Bᵀ, as peft does: no d_out × d_in ΔW and no dense weight gradient.
+        """
+        slot = self.low_rank_slots[weight]
+        if slot is None:
+            return None
+        block, chunk = slot
+        factors = self.blocks[block]
+        b = factors.lora_B[chunk]
+        return (b * factors.scale if factors.scale != 1 else b), factors.lora_A[chunk]
+
     def _rows(self, factors: ChunkFactors, projection: nn.Module, block: Block) -> torch.Tensor:
         """One block's chunks, flattened row after row, surplus entries included (operations 5 then 4)."""
         chunks = factors()
@@ -90,6 +104,18 @@ def row_length(config: SuperLoRAConfig, block: Block, projection: nn.Module) -> 
     if isinstance(projection, nn.Identity):
         return chunk_numel(config, block)
     return block.size
+
+
+def low_rank_slots(config: SuperLoRAConfig, layout: Layout, rows: list[int]) -> list[tuple[int, int] | None]:
+    """Per weight: (block, chunk) when that chunk is exactly the weight's own B·A, else None."""
+    slots: list[tuple[int, int] | None] = [None] * len(layout.shapes)
+    if config.factorization != "lora" or config.shuffle or config.projection != "none":
+        return slots
+    for b, (block, segments) in enumerate(zip(layout.blocks, row_segments(layout, rows))):
+        if block.exact and len(segments) == block.count and all(w is not None for _, w in segments):
+            for chunk, (_, weight) in enumerate(segments):
+                slots[weight] = (b, chunk)
+    return slots
 
 
 def _narrow(t: torch.Tensor, size: int) -> torch.Tensor:

@@ -83,6 +83,35 @@ def test_delta_is_generated_once_per_pipeline_call_and_per_training_forward(pipe
     assert model.generations == 1
 
 
+def test_lora_preset_trains_on_its_factors_exactly_as_through_dense_delta(pipe):
+    """With autograd, the LoRA preset's layers compute x·Aᵀ·Bᵀ (peft's cost): same outputs and gradients as W + ΔW."""
+    config = SuperLoRAConfig.lora(rank=3, alpha=6, target_modules="unet+conv+text")
+    module = add_random_adapter(pipe, config)
+    model = get_superlora_model(pipe._superlora_components())
+    assert all(slot is not None for slot in module.low_rank_slots)
+    unet, text = pipe.unet.double(), pipe.text_encoder.double()
+    module.double()
+    sample, ids = torch.randn(2, 4, 8, 8, dtype=torch.float64), pipe.tokenizer(["a photo of sks star"]).input_ids
+    ids = torch.tensor(ids)
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        module.zero_grad()
+        out = unet(sample, 10, text(ids)[0].expand(2, -1, -1), cross_attention_kwargs={"scale": 0.7}).sample
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in module.parameters()]
+
+    model.generations = 0
+    factored, factored_grads = step()
+    assert model.generations == 0  # no super-vector: every ΔW stayed as its B·A
+    module.low_rank = lambda index: None  # the dense path: W + ΔW with ΔW generated
+    dense, dense_grads = step()
+    assert model.generations == 2  # one per model forward (text encoder, UNet)
+    torch.testing.assert_close(factored, dense, rtol=1e-9, atol=1e-12)
+    for a, b in zip(factored_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert all(g.abs().sum() > 0 for g in factored_grads)
+
+
 def test_call_scale_zero_is_the_base_and_scale_interpolates(saved_adapter):
     path, adapted = saved_adapter
     pipe = tiny_pipeline()
