@@ -8,7 +8,8 @@ Every step is a view where it can be: surplus entries are stepped over, never sl
 copies every entry forward and zero-fills + copies them backward: at SD scale most of the cost).
 alpha / rank is applied inside the factors, to the small zero-initialised tensor, never to an N-sized one.
 Grouping and folding mix layers, so the per-layer shortcut x·A·B is unavailable: the whole super-vector
-is materialised once per model forward and every adapted layer reads its slice.
+is materialised once per model forward and every adapted layer reads its slice. The weight-aligned LoRA
+layout is the exception: `low_rank()` hands each of its layers its own (B, A) for training.
 """
 
 from __future__ import annotations
