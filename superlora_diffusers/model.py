@@ -52,8 +52,8 @@ class AdaptedLayer:
         self.model, self.name, self.layer, self.parent = model, target.name, target.module, parent
         self.component = target.component
         self.slots: dict[str, int] = {}  # adapter name -> index of this weight in that adapter's ΔW list
-        conv = isinstance(self.layer, nn.Conv2d)  # x·Aᵀ·Bᵀ as two convs needs a plain zero-padded conv
-        self.low_rank_ok = not conv or (self.layer.groups == 1 and self.layer.padding_mode == "zeros")
+        self.is_conv = isinstance(self.layer, nn.Conv2d)  # x·Aᵀ·Bᵀ as two convs needs a plain zero-padded conv
+        self.low_rank_ok = not self.is_conv or (self.layer.groups == 1 and self.layer.padding_mode == "zeros")
         self.layer.forward = self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,12 +61,11 @@ class AdaptedLayer:
         weight = self.layer.weight
         if delta is not None:
             weight = weight + delta.view(weight.shape).to(weight.dtype)
-        conv = isinstance(self.layer, nn.Conv2d)
-        out = self.layer._conv_forward(x, weight, self.layer.bias) if conv else F.linear(x, weight, self.layer.bias)
+        c = self.layer
+        out = c._conv_forward(x, weight, c.bias) if self.is_conv else F.linear(x, weight, c.bias)
         for scale, b, a in low_rank:  # scale·x·Aᵀ·Bᵀ: for a conv, A as an r-channel kernel, then B as a 1x1 conv
             b, a = b.to(x.dtype), a.to(x.dtype)
-            if conv:
-                c = self.layer
+            if self.is_conv:
                 h = F.conv2d(x, a.view(a.shape[0], *c.weight.shape[1:]), None, c.stride, c.padding, c.dilation)
                 out = out + scale * F.conv2d(h, b[..., None, None])
             else:
@@ -179,6 +178,8 @@ class SuperLoRAModel:
                 self._check_processors()
             if torch.is_grad_enabled():
                 self._invalidate()  # training: a fresh autograd graph for every model forward
+                for name in self.adapters:  # the factored layers read factors without a generation: place them now
+                    self._on_device(name)
         return hook
 
     def _invalidate(self) -> None:
@@ -243,7 +244,7 @@ class SuperLoRAModel:
             weight = self.weights.get(name, 0.0) * scale
             if weight == 0.0:
                 continue
-            factors = self._on_device(name).low_rank(index) if low_rank else None
+            factors = self.adapters[name].module.low_rank(index) if low_rank else None
             if factors is not None:
                 factored.append((weight, *factors))
                 continue
