@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--class_prompt", default=None, help="e.g. 'a photo of a star'")
     d.add_argument("--with_prior_preservation", action="store_true")
     d.add_argument("--prior_loss_weight", type=float, default=1.0)
+    d.add_argument("--prior_loss_target", choices=["noise", "base_model"], default="noise",
+                   help="what the class batch regresses to: the sampled noise (DreamBooth), or the frozen base "
+                        "model's own prediction for it (adapter off), which pins class prompts to the base directly")
     d.add_argument("--num_class_images", type=int, default=100)
     d.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
     d.add_argument("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)

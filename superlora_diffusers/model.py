@@ -254,6 +254,15 @@ class SuperLoRAModel:
         return total, factored
 
     @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the untouched base model inside the block (peft's `with model.disable_adapter():`)."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = enabled
+
+    @contextlib.contextmanager
     def text_scale(self, scale: float | None) -> Iterator[None]:
         """Scale the text encoders' ΔW for one `encode_prompt` call (diffusers passes `lora_scale` there)."""
         saved = {c: self.scales[c] for c in self.scales if c != "unet"}

@@ -279,6 +279,16 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
         accelerator.init_trackers("superlora-dreambooth", config={k: v for k, v in vars(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
 
+    superlora_model = get_superlora_model(components)
+
+    @torch.no_grad()
+    def base_prediction(noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str], hidden: torch.Tensor):
+        """The frozen base model's output for the class batch: the target of `--prior_loss_target base_model`."""
+        with superlora_model.disable_adapter(), accelerator.autocast():
+            if args.train_text_encoder:  # the adapted text encoder moved `hidden`: re-encode with the base one
+                hidden = encode_prompts(tokenizer, text_encoder, prompts)
+            return unet(noisy, timesteps, hidden).sample
+
     from tqdm.auto import tqdm
 
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
@@ -326,6 +336,9 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
                     target = noise
+                if classes is not None and args.prior_loss_target == "base_model":
+                    n = len(idx)
+                    target = torch.cat([target[:n], base_prediction(noisy[n:], timesteps[n:], prompts[n:], hidden[n:])])
                 per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if args.snr_gamma is not None:
                     snr = compute_snr(noise_scheduler, timesteps)
@@ -337,7 +350,8 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
                     per_sample = per_sample * weight
                 if classes is not None:
                     n = len(idx)
-                    loss = per_sample[:n].mean() + args.prior_loss_weight * per_sample[n:].mean()
+                    instance_loss, prior_loss = per_sample[:n].mean(), per_sample[n:].mean()
+                    loss = instance_loss + args.prior_loss_weight * prior_loss
                 else:
                     loss = per_sample.mean()
                 bad = accelerator.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device), "sum")
@@ -364,6 +378,8 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
             progress.update(1)
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
+            if classes is not None:  # how far the class prompts drift, apart from the subject's own loss
+                logs.update(instance_loss=instance_loss.detach().item(), prior_loss=prior_loss.detach().item())
             accelerator.log(logs, step=global_step)
             if on_step is not None:
                 on_step(global_step, max_steps, logs["loss"])

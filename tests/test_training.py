@@ -113,3 +113,28 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(base_dir, tmp_pat
     assert last.startswith("error: loss became NaN/inf") and "last good checkpoint is" in last
     assert "Traceback" not in run.stderr
     assert list(out.glob("checkpoint-*")) and not (out / WEIGHTS).exists()
+
+
+def logged(out: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "logs" / "superlora-dreambooth"))  # the run's scalars (hparams sit below)
+    acc.Reload()
+    return [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]
+
+
+@pytest.mark.parametrize("target", ["noise", "base_model"])
+def test_prior_loss_target_base_model_regresses_the_class_batch_onto_the_frozen_base(base_dir, tmp_path, target):
+    out = tmp_path / target
+    run = train(base_dir, out, "--max_train_steps", "3", "--train_batch_size", "2", "--train_text_encoder",
+                "--with_prior_preservation", "--class_prompt", "a photo of a star", "--class_data_dir",
+                str(tmp_path / "class"), "--num_class_images", "2", "--prior_loss_target", target,
+                "--learning_rate", "1e-2")
+    assert run.returncode == 0, run.stderr[-2000:]
+    prior = logged(out, "prior_loss")
+    assert len(prior) == 3 and all(v > 0 for v in logged(out, "instance_loss"))
+    if target == "noise":  # DreamBooth: the class batch regresses to its noise, O(1) from the start
+        assert prior[0] > 0.05
+    else:  # ΔW starts at zero, so the adapted model IS the base one: nothing to pull back yet...
+        assert prior[0] < 1e-10
+        assert prior[2] > 1e-8  # ...until the factors move; the base prediction ran with the adapter off
