@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--adam_weight_decay", type=float, default=1e-2)
     o.add_argument("--adam_epsilon", type=float, default=1e-8)
     o.add_argument("--max_grad_norm", type=float, default=1.0)
+    o.add_argument("--use_ema", action="store_true",
+                   help="save and validate an exponential moving average of the factors (as diffusers' text-to-image)")
+    o.add_argument("--ema_decay", type=float, default=0.99, help="with --use_ema; about 1/(1-decay) steps averaged")
     o.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is typical)")
     o.add_argument("--noise_offset", type=float, default=0.0)
     o.add_argument("--allow_tf32", action="store_true")
@@ -140,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise TrainingError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise TrainingError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
+    if not 0 <= args.ema_decay < 1:
+        raise TrainingError(f"--ema_decay must be in [0, 1), got {args.ema_decay}; 0.99 averages about 100 steps.")
     return args
 
 

@@ -7,6 +7,7 @@ Called by `train_dreambooth_superlora.py`; the flags, data handling and checkpoi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from PIL import Image
 
 from .dreambooth import (
@@ -41,6 +43,7 @@ from .superlora import lora_parameter_count, versus_lora1
 
 logger = logging.getLogger("superlora.dreambooth")
 STATE_FILE = "superlora_training_state.json"
+EMA_WEIGHT_NAME = "superlora_weights_ema.safetensors"
 
 
 def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
@@ -269,10 +272,22 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     def save_weights(path: Path, extra: dict[str, str] | None = None) -> None:
         save_superlora_file(path, superlora, target_names, {**adapter.metadata, **(extra or {})}, overwrite=True)
 
+    ema = AdapterEMA(superlora, args.ema_decay) if args.use_ema else None
+
+    def save_checkpoint_weights(directory: Path) -> None:
+        save_weights(directory / WEIGHT_NAME)
+        if ema is not None:
+            with ema.swapped_in():
+                save_weights(directory / EMA_WEIGHT_NAME)
+
     global_step = 0
     if resume is not None:
         accelerator.load_state(str(resume))
         superlora.load_state_dict(load_checkpoint_weights(resume / WEIGHT_NAME))
+        if ema is not None:
+            if not (resume / EMA_WEIGHT_NAME).is_file():
+                raise TrainingError(f"{resume} holds no EMA weights ({EMA_WEIGHT_NAME}); resume it without --use_ema.")
+            ema.load_state_dict(load_checkpoint_weights(resume / EMA_WEIGHT_NAME))
         global_step = json.loads((resume / STATE_FILE).read_text())["global_step"]
         logger.info("resumed from %s at step %d", resume, global_step)
     if accelerator.is_main_process and report_to:
@@ -375,6 +390,8 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if ema is not None:
+                ema.update(global_step)
             progress.update(1)
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
@@ -385,10 +402,11 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
                 on_step(global_step, max_steps, logs["loss"])
             if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
                 last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
-                                                  save_weights)
+                                                  save_checkpoint_weights)
             if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                validate(args, accelerator, path, (tokenizer, text_encoder, vae, unet),
-                         noise_scheduler, resolution, global_step, superlora)
+                with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                    validate(args, accelerator, path, (tokenizer, text_encoder, vae, unet),
+                             noise_scheduler, resolution, global_step, superlora)
                 for m in trainable:
                     m.train()
         if global_step >= max_steps:
@@ -404,11 +422,48 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     weights = output_dir / WEIGHT_NAME
     if accelerator.is_main_process:
         logger.info("trained %d steps in %.0f s", global_step, time.time() - t0)
-        save_weights(weights, {"instance_prompt": args.instance_prompt,
-                               "base_model": str(args.pretrained_model_name_or_path)})
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # the file holds the average
+            save_weights(weights, {"instance_prompt": args.instance_prompt,
+                                   "base_model": str(args.pretrained_model_name_or_path)})
         final_validation(args, accelerator, path, weights, resolution, n_params, lora1, config)
     accelerator.end_training()
     return weights
+
+
+class AdapterEMA:
+    """An exponential moving average of the trainable factors, swapped in to validate and to save.
+
+    Decay as diffusers' `EMAModel`: min(decay, (1 + step) / (10 + step)), so the average follows the
+    fast early steps and then smooths the step-to-step jitter of a constant learning rate.
+    """
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, p in self.params.items():
+            self.shadow[name].lerp_(p.detach(), 1 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(saved[name])
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, t in self.shadow.items():
+            t.copy_(state[name])
 
 
 def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -418,8 +473,8 @@ def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, save_weights) -> Path:
-    """accelerate state (optimizer, scheduler, RNG) + the factors + our step counter, written to a temp
-    dir and renamed into place (atomic)."""
+    """accelerate state (optimizer, scheduler, RNG) + the factors (`save_weights(dir)`) + our step counter,
+    written to a temp dir and renamed into place (atomic)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -427,7 +482,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None,
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        save_weights(tmp / WEIGHT_NAME)
+        save_weights(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"global_step": step}))
         if final.exists():
             shutil.rmtree(final)

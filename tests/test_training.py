@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_dreambooth_superlora.py")
 WEIGHTS = "superlora_weights.safetensors"
+EMA_WEIGHTS = "superlora_weights_ema.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,11 @@ def test_full_run_writes_adapter_card_samples_logs_and_reloads(base_dir, tmp_pat
     assert not torch.equal(generate(pipe), base)
 
 
-def test_resume_from_latest_is_bit_identical(base_dir, tmp_path):
+@pytest.mark.parametrize("ema", [False, True], ids=["plain", "ema"])
+def test_resume_from_latest_is_bit_identical(base_dir, tmp_path, ema):
     common = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--train_batch_size", "2", "--random_flip",
-              "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--report_to", "none", "--train_text_encoder")
+              "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--report_to", "none", "--train_text_encoder",
+              *(["--use_ema", "--ema_decay", "0.5"] if ema else []))
     straight = train(base_dir, tmp_path / "a", *common)
     assert straight.returncode == 0, straight.stderr[-2000:]
     # a run "killed" after checkpoint-3: keep only what existed at that moment, then resume
@@ -81,6 +84,12 @@ def test_resume_from_latest_is_bit_identical(base_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[next(iter(a))], factors(interrupted / "checkpoint-3" / WEIGHTS)[next(iter(a))])
     assert not list(interrupted.glob(".checkpoint-*"))  # no temp dirs left behind
+    if ema:  # the checkpoint keeps the raw factors to resume from and their average, which the final file holds
+        raw, avg = factors(interrupted / "checkpoint-3" / WEIGHTS), factors(interrupted / "checkpoint-3" / EMA_WEIGHTS)
+        assert raw.keys() == avg.keys() and not all(torch.equal(raw[k], avg[k]) for k in raw)
+    else:  # an average that was never kept cannot be resumed: say so instead of restarting it from here
+        again = train(base_dir, interrupted, *common, "--use_ema", "--resume_from_checkpoint", "checkpoint-3")
+        assert again.returncode == 2 and "holds no EMA weights" in again.stderr.strip().splitlines()[-1]
 
 
 def test_two_processes_on_cpu_train_one_valid_adapter(base_dir, tmp_path):
