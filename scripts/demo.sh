@@ -10,7 +10,7 @@ OUT=${OUT:-out/demo}
   --pretrained_model_name_or_path toy \
   --instance_data_dir examples/striped_star --instance_prompt "a photo of sks star" \
   --with_prior_preservation --class_prompt "a photo of a star" --class_data_dir "$OUT/class_images" \
-  --num_class_images 24 \
+  --num_class_images 24 --prior_loss_target base_model \
   --superlora_preset lora --rank 4 --target_modules unet+conv --train_text_encoder \
   --max_train_steps "${STEPS:-1500}" --learning_rate 3e-3 --train_batch_size 4 --random_flip \
   --validation_prompt "a photo of sks star" --validation_steps 500 --num_validation_images 4 \
