@@ -72,16 +72,19 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_toy_pipeline(name_or_path=args.base)
     before = evaluate_subject(pipe, args.subject, n=args.n, steps=args.steps)
     shape = world.SUBJECTS[args.subject].shape
-    base_row = generate_images(pipe, [f"a photo of sks {shape}"] * 6, 0, args.steps, 5.0)
+    rows = {"compare.png": (f"a photo of sks {shape}", 0), "compare_prior.png": (f"a photo of a {shape}", 2000)}
+    base_rows = {name: generate_images(pipe, [prompt] * 8, seed, args.steps, 5.0) for name, (prompt, seed) in rows.items()}
     pipe.load_superlora_weights(args.adapter_dir)
     after = evaluate_subject(pipe, args.subject, n=args.n, steps=args.steps)
-    adapter_row = generate_images(pipe, [f"a photo of sks {shape}"] * 6, 0, args.steps, 5.0)
-    image_grid(base_row + adapter_row, cols=6).resize((6 * 96, 2 * 96), 0).save(Path(args.adapter_dir) / "compare.png")
+    for name, (prompt, seed) in rows.items():  # the first 8 seeds the judge scored, base above adapter
+        adapter_row = generate_images(pipe, [prompt] * 8, seed, args.steps, 5.0)
+        image_grid(base_rows[name] + adapter_row, cols=8).resize((8 * 96, 2 * 96), 0).save(Path(args.adapter_dir) / name)
     print(f"judge scores, {args.n} images per prompt, {args.steps} steps (base model -> with adapter):")
     for key in before:
         print(f"  {key:26s} {before[key]:.2f} -> {after[key]:.2f}")
     (Path(args.adapter_dir) / "judge_scores.json").write_text(json.dumps({"base": before, "adapter": after}, indent=1))
-    print(f"same seeds, base (top) vs adapter (bottom): {Path(args.adapter_dir) / 'compare.png'}")
+    print(f"same seeds, base (top) vs adapter (bottom): {Path(args.adapter_dir) / 'compare.png'} (subject), "
+          f"{Path(args.adapter_dir) / 'compare_prior.png'} (class prompt)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Tests of the embedded toy world, base model and judge (fast: tiny batches, few steps, seeded)."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -198,3 +199,23 @@ def test_decoder_refinement_keeps_the_latent_space(tmp_path):
     info = json.loads((base / "training_info.json").read_text())
     assert info["refinements"][-1]["decoder_only"] and info["refinements"][-1]["steps"] == 3
     assert info["unet_steps"] == json.loads(open(os.path.join(BASE_MODEL_DIR, "training_info.json")).read())["unet_steps"]
+
+
+def test_evaluate_writes_scores_and_the_subject_and_class_prompt_grids(pipe, tmp_path):
+    from PIL import Image
+
+    from superlora_diffusers import SuperLoRAConfig  # (attaches the pipeline verbs)
+    from superlora_diffusers.evaluate import main
+    from superlora_diffusers.model import inject_superlora
+
+    module = inject_superlora(pipe._superlora_components(), SuperLoRAConfig.lora(rank=2))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.05)
+    pipe.save_superlora_weights(tmp_path)
+    pipe.unload_superlora_weights()
+    main([str(tmp_path), "--subject", "striped_star", "--n", "2", "--steps", "2"])
+    scores = json.loads((tmp_path / "judge_scores.json").read_text())
+    assert scores["base"].keys() == scores["adapter"].keys() >= {"subject_acc", "prior_shape_acc"}
+    for name in ("compare.png", "compare_prior.png"):
+        assert Image.open(tmp_path / name).size == (8 * 96, 2 * 96)
