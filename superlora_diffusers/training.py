@@ -545,7 +545,7 @@ instance_prompt: {args.instance_prompt}
 
 Trained with `train_dreambooth_superlora.py` on `{args.pretrained_model_name_or_path}` from the images in
 `{args.instance_data_dir}` with the instance prompt **{args.instance_prompt}**
-{f"and prior preservation on *{args.class_prompt}*" if args.with_prior_preservation else ""}.
+{f"and prior preservation on *{args.class_prompt}* (target: {args.prior_loss_target.replace('_', ' ')})" if args.with_prior_preservation else ""}.
 
 - trainable parameters: **{n_params:,}** ({weights.stat().st_size:,} bytes on disk); a rank-1 LoRA of the same
   targets has {lora1:,} ({versus_lora1(n_params, lora1)})
