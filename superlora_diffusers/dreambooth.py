@@ -137,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.with_prior_preservation and (not args.class_prompt or not args.class_data_dir):
         raise TrainingError("--with_prior_preservation needs --class_prompt and --class_data_dir.")
+    if args.prior_loss_target != "noise" and not args.with_prior_preservation:
+        raise TrainingError(f"--prior_loss_target {args.prior_loss_target} acts on the class batch; add "
+                            "--with_prior_preservation (with --class_prompt and --class_data_dir).")
     for name in ("train_batch_size", "gradient_accumulation_steps", "repeats", "num_train_epochs",
                  "checkpointing_steps", "validation_steps"):
         if getattr(args, name) < 1:

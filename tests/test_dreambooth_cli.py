@@ -83,6 +83,10 @@ def test_existing_weights_are_not_overwritten(tmp_path, capsys):
 def test_prior_preservation_needs_class_flags():
     with pytest.raises(TrainingError, match="--class_prompt"):
         parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--with_prior_preservation"])
+    with pytest.raises(TrainingError, match="add --with_prior_preservation"):  # not silently ignored
+        parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--prior_loss_target", "base_model"])
+    with pytest.raises(TrainingError, match="--ema_decay must be in"):
+        parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--use_ema", "--ema_decay", "1.5"])
 
 
 @pytest.mark.parametrize("budget", [40, 300, 1_000, 5_000, 60_000])
