@@ -211,7 +211,8 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     components = {"unet": unet, "text_encoder": text_encoder}
     config, how = superlora_config_from_args(args, lambda targets: target_shapes(components, targets))
     superlora = inject_superlora(components, config)
-    adapter = get_superlora_model(components).adapters["default"]
+    superlora_model = get_superlora_model(components)
+    adapter = superlora_model.adapters["default"]
     target_names = adapter.targets
     if not args.train_text_encoder and any(n.split(".", 1)[0] in TEXT_ENCODERS for n in target_names):
         raise TrainingError(f"--target_modules {args.target_modules} adapts the text encoder, which stays frozen; add "
@@ -233,12 +234,15 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
+    # Text states that never change, encoded once by the base text encoder: every prompt when it stays frozen,
+    # and the class prompts when the base model's prediction is the prior target.
+    fixed = set() if args.train_text_encoder else set(instance.prompts)
+    if classes is not None and (not args.train_text_encoder or args.prior_loss_target == "base_model"):
+        fixed |= set(classes.prompts)
     fixed_embeds: dict[str, torch.Tensor] = {}
-    if not args.train_text_encoder:  # frozen text encoder: encode every prompt once
-        prompts = sorted(set(instance.prompts) | set(classes.prompts if classes else []))
-        with torch.no_grad():
-            for p in prompts:
-                fixed_embeds[p] = encode_prompts(tokenizer, text_encoder, [p])[0].to(weight_dtype)
+    with torch.no_grad(), superlora_model.disable_adapter():
+        for p in sorted(fixed):
+            fixed_embeds[p] = encode_prompts(tokenizer, text_encoder, [p])[0].to(weight_dtype)
 
     params = [p for p in superlora.parameters() if p.requires_grad]
     lr = args.learning_rate
@@ -294,15 +298,16 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
         accelerator.init_trackers("superlora-dreambooth", config={k: v for k, v in vars(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
 
-    superlora_model = get_superlora_model(components)
-
     @torch.no_grad()
-    def base_prediction(noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str], hidden: torch.Tensor):
+    def base_prediction(noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The frozen base model's output for the class batch: the target of `--prior_loss_target base_model`."""
+        hidden = torch.stack([fixed_embeds[p] for p in prompts]).to(device)
         with superlora_model.disable_adapter(), accelerator.autocast():
-            if args.train_text_encoder:  # the adapted text encoder moved `hidden`: re-encode with the base one
-                hidden = encode_prompts(tokenizer, text_encoder, prompts)
             return unet(noisy, timesteps, hidden).sample
+
+    def averaged():
+        """With --use_ema, the averaged factors for the block (validation, the final file); else as they are."""
+        return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
     from tqdm.auto import tqdm
 
@@ -325,6 +330,7 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
                 break
             g = step_generator(args.seed, 2, micro, accelerator.process_index)
             idx = [items[i] for i in batch]
+            n = len(idx)  # instance rows first, then as many class rows
             latents = sample_latents(inst_stats, idx, g, args.random_flip)
             prompts = [instance.prompts[i] for i in idx]
             if classes is not None:
@@ -352,8 +358,7 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
                 else:
                     target = noise
                 if classes is not None and args.prior_loss_target == "base_model":
-                    n = len(idx)
-                    target = torch.cat([target[:n], base_prediction(noisy[n:], timesteps[n:], prompts[n:], hidden[n:])])
+                    target = torch.cat([target[:n], base_prediction(noisy[n:], timesteps[n:], prompts[n:])])
                 per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if args.snr_gamma is not None:
                     snr = compute_snr(noise_scheduler, timesteps)
@@ -364,7 +369,6 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
                         weight = weight / snr
                     per_sample = per_sample * weight
                 if classes is not None:
-                    n = len(idx)
                     instance_loss, prior_loss = per_sample[:n].mean(), per_sample[n:].mean()
                     loss = instance_loss + args.prior_loss_weight * prior_loss
                 else:
@@ -404,7 +408,7 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
                 last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                                                   save_checkpoint_weights)
             if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                with averaged():
                     validate(args, accelerator, path, (tokenizer, text_encoder, vae, unet),
                              noise_scheduler, resolution, global_step, superlora)
                 for m in trainable:
@@ -422,7 +426,7 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     weights = output_dir / WEIGHT_NAME
     if accelerator.is_main_process:
         logger.info("trained %d steps in %.0f s", global_step, time.time() - t0)
-        with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # the file holds the average
+        with averaged():  # with --use_ema the file holds the average
             save_weights(weights, {"instance_prompt": args.instance_prompt,
                                    "base_model": str(args.pretrained_model_name_or_path)})
         final_validation(args, accelerator, path, weights, resolution, n_params, lora1, config)
