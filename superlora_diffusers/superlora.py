@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import SuperLoRAConfig
 from .factorization import ChunkFactors, chunk_numel, factor_shapes
-from .layout import Block, Layout, Shape, row_positions, row_segments, shuffle_index
+from .layout import Block, Layout, Shape, Unshuffle, row_positions, row_segments, shuffle_index, unshuffle_indices
 from .projection import Fastfood, build_projection
 
 
@@ -41,7 +41,9 @@ class SuperLoRA(nn.Module):
         rows = [row_length(config, block, projection) for block, projection in zip(self.layout.blocks, self.projections)]
         if config.shuffle:  # the gather reads every weight's entries straight out of the rows
             index = row_positions(self.layout, rows, shuffle_index(self.layout.total, config.shuffle_seed))
+            index, inverse = unshuffle_indices(index, sum(b.count * r for b, r in zip(self.layout.blocks, rows)))
             self.register_buffer("unshuffle", index, persistent=False)
+            self.register_buffer("reshuffle", inverse, persistent=False)
         else:  # per block: the split sizes along its rows, and which weight (or None: surplus) each piece is
             self.segments = [([length for length, _ in segs], [weight for _, weight in segs])
                              for segs in row_segments(self.layout, rows)]
@@ -60,7 +62,9 @@ class SuperLoRA(nn.Module):
                 for factors, projection, block in zip(self.blocks, self.projections, self.layout.blocks)]
         if self.config.shuffle:  # the gather index points past every surplus: nothing to trim first
             flat = rows[0] if len(rows) == 1 else torch.cat(rows)
-            flats = list(flat.index_select(0, self.unshuffle).split(self.layout.sizes))
+            flat = Unshuffle.apply(flat, self.unshuffle, self.reshuffle)
+            flats = list(flat.split(self.layout.sizes + [flat.numel() - self.layout.total]))  # a padding slot
+            flats = flats[: len(self.layout.shapes)]
         else:
             pieces: list[list[torch.Tensor]] = [[] for _ in self.layout.shapes]
             for flat, (lengths, owners) in zip(rows, self.segments):

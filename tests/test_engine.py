@@ -10,7 +10,14 @@ from torch import nn
 
 from superlora_diffusers import SuperLoRA, SuperLoRAConfig, config_from_preset, count_parameters, lora_parameter_count
 from superlora_diffusers.factorization import factor_shapes, zero_factor_name
-from superlora_diffusers.layout import Layout, iroot_ceil, lycoris_factorization, shuffle_index
+from superlora_diffusers.layout import (
+    Layout,
+    Unshuffle,
+    iroot_ceil,
+    lycoris_factorization,
+    shuffle_index,
+    unshuffle_indices,
+)
 from superlora_diffusers.projection import Fastfood, GaussianProjection, fwht, hadamard
 from superlora_diffusers.superlora import versus_lora1
 
@@ -269,6 +276,27 @@ def test_shuffle_then_unshuffle_is_identity():
     again[index] = shuffled[index]
     assert torch.equal(again, shuffled)
     assert torch.equal(shuffle_index(1000, seed=5), shuffle_index(1000, seed=5))
+
+
+def test_unshuffle_backward_equals_autograd_of_the_gather():
+    """The inverse-gather backward is the exact gradient of source[index], zero where nothing is read."""
+    torch.manual_seed(0)
+    index = torch.randperm(30)[:20]  # 10 source positions (surplus) are never read
+    gather, inverse = unshuffle_indices(index, 30)
+    assert gather.dtype == inverse.dtype == torch.int32 and gather.numel() == 21  # + the padding slot
+    source = torch.randn(30, dtype=torch.float64, requires_grad=True)
+
+    def unshuffle(s: torch.Tensor) -> torch.Tensor:
+        return Unshuffle.apply(s, gather, inverse)[:20]  # the caller drops the padding slot
+
+    assert torch.equal(unshuffle(source), source[index])
+    assert torch.autograd.gradcheck(unshuffle, (source,))
+    upstream = torch.randn(20, dtype=torch.float64)
+    ours = torch.autograd.grad(unshuffle(source), source, upstream)[0]
+    reference = torch.autograd.grad(source.index_select(0, index), source, upstream)[0]
+    assert torch.equal(ours, reference)
+    assert ours[inverse == 20].abs().sum() == 0
+    assert unshuffle_indices(torch.randperm(30), 30)[0].numel() == 30  # a full permutation needs no padding slot
 
 
 def test_grouping_padding_never_leaks():
