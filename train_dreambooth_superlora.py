@@ -6,9 +6,16 @@
       --with_prior_preservation --class_prompt "a photo of a star" --output_dir out/sks-star
 """
 
+import os
 import sys
 
-from superlora_diffusers.training import main
+# CPU: tensors of 2 MB and more on huge pages (PyTorch's switch, read once when torch is imported). A
+# regrouped adapter builds N-sized tensors every step, and each fresh one page-faults its memory back in:
+# at SD-1.5 scale that is 0.1-0.2 s per tensor on 4 KB pages, about half as much on 2 MB ones
+# (docs/benchmarks.md). THP_MEM_ALLOC_ENABLE=0 turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from superlora_diffusers.training import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -41,8 +41,11 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# As the trainer: large CPU tensors on 2 MB pages (read once, at import; spawned processes inherit it).
+# THP_MEM_ALLOC_ENABLE=0 measures without.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -85,7 +88,8 @@ def machine(device: str) -> dict:
                 break
     info = dict(cpu=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 diffusers=diffusers.__version__, peft=peft.__version__, transformers=transformers.__version__,
-                python=platform.python_version(), ram_gb=round(_meminfo_gb(), 1))
+                python=platform.python_version(), ram_gb=round(_meminfo_gb(), 1),
+                thp_mem_alloc_enable=os.environ["THP_MEM_ALLOC_ENABLE"])
     if device == "cuda":
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                     gpu_memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
