@@ -5,9 +5,10 @@ encoder: 121,823,232 entries) with forward + backward, per preset, and reports m
 peak extra memory (ru_maxrss growth in a fresh process per row). The backward pass starts from fixed
 random upstream gradients (what the UNet's backward hands each ΔW), so no synthetic loss is timed. The
 UNet is timed before and after the presets (load on a shared machine drifts); the share uses the median of
-all its timings. Run:
+all its timings. Last, the single N-sized passes the shuffle and Fastfood are made of are timed alone: the
+floor those presets cannot go below with these kernels. Run:
 
-    .venv/bin/python benchmarks/engine.py [--repeats 3] [--threads 1] [--skip-unet] [--presets Tucker,LoRA]
+    .venv/bin/python benchmarks/engine.py [--repeats 3] [--threads 1] [--skip-unet] [--skip-floors] [--presets Tucker,LoRA]
     python benchmarks/engine.py --device cuda --dtype bf16 [--latent 64]      # on a GPU
 """
 
@@ -130,6 +131,53 @@ def time_unet(opts: dict, queue: mp.Queue) -> None:
                    times=times[1:]))
 
 
+def time_floors(opts: dict, queue: mp.Queue) -> None:
+    """The single passes the shuffle and Fastfood presets cannot avoid, each timed alone over N entries.
+
+    A permutation costs one gather forward and one backward (its inverse); Fastfood one Walsh-Hadamard
+    transform over the padded length L forward and one backward (H is its own transpose). Twice these is
+    what those presets cannot go below with these torch kernels on this machine; a plain copy of N entries
+    shows how far that is from the memory-bandwidth floor.
+    """
+    from superlora_diffusers.layout import shuffle_index
+    from superlora_diffusers.projection import fwht
+
+    device = opts["device"]
+    torch.set_num_threads(opts["threads"])
+    entries = sum(o * i for o, i in sd15_attention_shapes())
+    source = torch.randn(entries, device=device)
+    index = shuffle_index(entries, 0).to(device=device, dtype=torch.int32)
+    one_group = 1 << (entries - 1).bit_length()  # G = 1: L = 2^27
+    twelve = 1 << (-(-entries // 12) - 1).bit_length()  # G = 12: 12 rows of L = 2^24
+    passes = {
+        "copy of N entries (clone)": lambda: source.clone(),
+        "random gather of N entries (one shuffle pass)": lambda: source.index_select(0, index),
+    }
+    out = {}
+    for name, run in passes.items():
+        out[name] = best_of(run, opts["repeats"], device)
+    del source, index
+    for name, shape in (("WHT over L = 2^27 (Fastfood G=1, one pass)", (1, one_group)),
+                        ("WHT over 12 x 2^24 (Fastfood G=12, one pass)", (12, twelve))):
+        x = torch.randn(shape, device=device)
+        out[name] = best_of(lambda: fwht(x), opts["repeats"], device)
+        del x
+    queue.put(out)
+
+
+def best_of(run, repeats: int, device: str) -> float:
+    """Fastest of `repeats` timed calls after a warm-up: a floor, so the minimum, not the median."""
+    run()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def in_fresh_process(target, *args) -> dict:
     queue: mp.Queue = mp.get_context("spawn").Queue()
     proc = mp.get_context("spawn").Process(target=target, args=(*args, queue))
@@ -149,6 +197,7 @@ def main() -> None:
                         help="dtype of the UNet (the SuperLoRA factors and ΔW stay fp32, as in training)")
     parser.add_argument("--latent", type=int, default=32, help="latent size of the UNet step (32 = 256 px)")
     parser.add_argument("--skip-unet", action="store_true")
+    parser.add_argument("--skip-floors", action="store_true", help="do not time the single N-sized passes")
     parser.add_argument("--presets", help="comma list of substrings: only the presets whose name contains one")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
@@ -190,9 +239,18 @@ def main() -> None:
             row["share"] = row["seconds"] / unet["seconds"]
             print(f"| {row['preset']} | {row['seconds']:.3f} | {100 * row['share']:.1f}% | "
                   f"{'met' if row['share'] < 0.15 else 'NOT met'} |")
+    floors = {} if args.skip_floors else in_fresh_process(time_floors, opts)
+    if floors:
+        print("\nSingle passes over N entries (fastest of the repeats); twice a gather is the shuffle's floor, "
+              "twice a WHT Fastfood's:\n")
+        print("| pass | seconds | share of UNet fwd+bwd, x2 (forward + backward) |")
+        print("|---|---:|---:|")
+        for name, seconds in floors.items():
+            share = f"{200 * seconds / unet['seconds']:.1f}%" if unet else "-"
+            print(f"| {name} | {seconds:.3f} | {share} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(unet=unet, rows=rows, entries=entries, cpu=cpu_name(), thp_mem_alloc_enable=thp(), **opts,
+            json.dump(dict(unet=unet, rows=rows, floors=floors, entries=entries, cpu=cpu_name(), thp_mem_alloc_enable=thp(), **opts,
                            gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
                            torch=torch.__version__, load_average_end=os.getloadavg()), f, indent=1)
 
