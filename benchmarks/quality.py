@@ -100,6 +100,7 @@ METHODS: dict[str, dict] = {
     "d2_g1_r1": _s("SuperLoRA 2-D reshape", factorization="lora", groups=1, rank=1),
     "d2_g1_r16": _s("SuperLoRA 2-D reshape", factorization="lora", groups=1, rank=16),
     "d2_g4_r8": _s("SuperLoRA 2-D reshape", factorization="lora", groups=4, rank=8),
+    "d2_g4_r16": _s("SuperLoRA 2-D reshape", factorization="lora", groups=4, rank=16),
     "kron_g1_r2": _s("SuperLoRA Kronecker", factorization="kronecker", groups=1, rank=2, kron_factor=6),
 }
 
@@ -567,6 +568,9 @@ def equal_quality(stats: dict, ref: str = "lora_r4") -> dict | None:
 def report(args) -> None:
     rows = load(args.jsonl)
     stats, base, search = summarise(rows)
+    # A method run on fewer subjects than the others has a mean over other subjects: listed, not compared.
+    n_subjects = max((st["subjects"] for st in stats.values()), default=0)
+    partial = {m for m, st in stats.items() if st["subjects"] < n_subjects}
     order = sorted(stats, key=lambda m: (stats[m]["family"], stats[m]["params"]))
     lines = ["| method | family | trainable params | LoRA-r4 params / params | file bytes | lr | runs | " +
              " | ".join(label for _, label in SCORES) + " |",
@@ -576,7 +580,8 @@ def report(args) -> None:
         cells = [f"{st[k][0]:+.3f} ± {st[k + '_seedstd']:.3f}" if k in ("prior_shape_drift", "fidelity_gain") and k in st else
                  f"{st[k][0]:.3f} ± {st[k + '_seedstd']:.3f}" if k in st else "-" for k, _ in SCORES]
         ratio = f"{stats['lora_r4']['params'] / st['params']:,.1f}x" if "lora_r4" in stats else "-"
-        lines.append(f"| `{m}` | {st['family']} | {st['params']:,} | {ratio} | {st['file_bytes']:,} | {st['lr']:g} | "
+        name = f"`{m}`" + (f" (partial: {st['subjects']} of {n_subjects} subjects; not plotted)" if m in partial else "")
+        lines.append(f"| {name} | {st['family']} | {st['params']:,} | {ratio} | {st['file_bytes']:,} | {st['lr']:g} | "
                      f"{st['n']} | " + " | ".join(cells) + " |")
     if base:
         b = list(base.values())
@@ -585,7 +590,8 @@ def report(args) -> None:
                      f"{mean('subject_fidelity'):.3f} | 0 | {mean('recontext_background_acc'):.3f} | "
                      f"(prior shape acc {mean('prior_shape_acc'):.3f}) |")
     table = "\n".join(lines)
-    eq = equal_quality(stats)
+    complete = {m: st for m, st in stats.items() if m not in partial}
+    eq = equal_quality(complete)
     grid_lines = [f"- `{m}`: " + ", ".join(f"{lr:g} → {f:.3f}" if f is not None else f"{lr:g} → failed"
                                           for lr, f in sorted(v)) for m, v in search.items()]
     text = table + "\n\nLearning-rate search (subject fidelity on the search run):\n\n" + "\n".join(grid_lines)
@@ -595,7 +601,7 @@ def report(args) -> None:
     if args.table:
         Path(args.table).write_text(text + "\n")
     if args.plot:
-        plot(stats, base, args.plot)
+        plot(complete, base, args.plot)
 
 
 def plot(stats: dict, base: dict, path: str, ref: str = "lora_r4") -> None:
