@@ -120,15 +120,8 @@ def time_unet(opts: dict, queue: mp.Queue) -> None:
     # input grad forces the full backward pass
     sample = torch.randn(1, 4, latent, latent, device=device, dtype=dtype, requires_grad=True)
     text = torch.randn(1, 77, 768, device=device, dtype=dtype)
-    times = []
-    for _ in range(opts["repeats"] + 1):
-        sync(device)
-        start = time.perf_counter()
-        unet(sample, 10, text).sample.float().sum().backward()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    queue.put(dict(params=sum(p.numel() for p in unet.parameters()), seconds=statistics.median(times[1:]),
-                   times=times[1:]))
+    times = timings(lambda: unet(sample, 10, text).sample.float().sum().backward(), opts["repeats"], device)
+    queue.put(dict(params=sum(p.numel() for p in unet.parameters()), seconds=statistics.median(times), times=times))
 
 
 def time_floors(opts: dict, queue: mp.Queue) -> None:
@@ -139,34 +132,36 @@ def time_floors(opts: dict, queue: mp.Queue) -> None:
     what those presets cannot go below with these torch kernels on this machine; a plain copy of N entries
     shows how far that is from the memory-bandwidth floor.
     """
-    from superlora_diffusers.layout import shuffle_index
+    from superlora_diffusers import SuperLoRAConfig
+    from superlora_diffusers.layout import Layout, shuffle_index
     from superlora_diffusers.projection import fwht
 
     device = opts["device"]
     torch.set_num_threads(opts["threads"])
-    entries = sum(o * i for o, i in sd15_attention_shapes())
+    shapes = sd15_attention_shapes()
+    entries = sum(o * i for o, i in shapes)
     source = torch.randn(entries, device=device)
     index = shuffle_index(entries, 0).to(device=device, dtype=torch.int32)
-    one_group = 1 << (entries - 1).bit_length()  # G = 1: L = 2^27
-    twelve = 1 << (-(-entries // 12) - 1).bit_length()  # G = 12: 12 rows of L = 2^24
-    passes = {
-        "copy of N entries (clone)": lambda: source.clone(),
-        "random gather of N entries (one shuffle pass)": lambda: source.index_select(0, index),
-    }
-    out = {}
-    for name, run in passes.items():
-        out[name] = best_of(run, opts["repeats"], device)
+    # A floor is the fastest call, not the median.
+    out = {"copy of N entries (clone)": min(timings(source.clone, opts["repeats"], device)),
+           "random gather of N entries (one shuffle pass)":
+               min(timings(lambda: source.index_select(0, index), opts["repeats"], device))}
     del source, index
-    for name, shape in (("WHT over L = 2^27 (Fastfood G=1, one pass)", (1, one_group)),
-                        ("WHT over 12 x 2^24 (Fastfood G=12, one pass)", (12, twelve))):
-        x = torch.randn(shape, device=device)
-        out[name] = best_of(lambda: fwht(x), opts["repeats"], device)
+    for kwargs in PRESETS.values():  # the Fastfood presets' rows: one per chunk, padded to a power of two
+        if kwargs.get("projection") != "fastfood":
+            continue
+        (block,) = Layout.build(SuperLoRAConfig(**kwargs), shapes).blocks
+        bits = (block.size - 1).bit_length()
+        rows = "L = " if block.count == 1 else f"{block.count} x "
+        x = torch.randn(block.count, 1 << bits, device=device)
+        out[f"WHT over {rows}2^{bits} (Fastfood G={block.count}, one pass)"] = min(
+            timings(lambda: fwht(x), opts["repeats"], device))
         del x
     queue.put(out)
 
 
-def best_of(run, repeats: int, device: str) -> float:
-    """Fastest of `repeats` timed calls after a warm-up: a floor, so the minimum, not the median."""
+def timings(run, repeats: int, device: str) -> list[float]:
+    """Seconds of `repeats` calls of `run`, after one untimed warm-up call."""
     run()
     times = []
     for _ in range(repeats):
@@ -175,7 +170,7 @@ def best_of(run, repeats: int, device: str) -> float:
         run()
         sync(device)
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
 
 
 def in_fresh_process(target, *args) -> dict:

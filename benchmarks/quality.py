@@ -571,6 +571,7 @@ def report(args) -> None:
     # A method run on fewer subjects than the others has a mean over other subjects: listed, not compared.
     n_subjects = max((st["subjects"] for st in stats.values()), default=0)
     partial = {m for m, st in stats.items() if st["subjects"] < n_subjects}
+    complete = {m: st for m, st in stats.items() if m not in partial}
     order = sorted(stats, key=lambda m: (stats[m]["family"], stats[m]["params"]))
     lines = ["| method | family | trainable params | LoRA-r4 params / params | file bytes | lr | runs | " +
              " | ".join(label for _, label in SCORES) + " |",
@@ -590,7 +591,6 @@ def report(args) -> None:
                      f"{mean('subject_fidelity'):.3f} | 0 | {mean('recontext_background_acc'):.3f} | "
                      f"(prior shape acc {mean('prior_shape_acc'):.3f}) |")
     table = "\n".join(lines)
-    complete = {m: st for m, st in stats.items() if m not in partial}
     eq = equal_quality(complete)
     grid_lines = [f"- `{m}`: " + ", ".join(f"{lr:g} → {f:.3f}" if f is not None else f"{lr:g} → failed"
                                           for lr, f in sorted(v)) for m, v in search.items()]
