@@ -522,7 +522,7 @@ def summarise(rows: list[dict]) -> tuple[dict, dict, dict]:
     for m, rs in per_method.items():
         st = {"n": len(rs), "params": rs[0]["params"], "file_bytes": rs[0]["file_bytes"], "lr": rs[0]["lr"],
               "family": METHODS.get(m, {}).get("family", rs[0].get("family", m)),
-              "subjects": len({r["subject"] for r in rs})}
+              "subjects": len({r["subject"] for r in rs}), "seeds": len({r["seed"] for r in rs})}
         for k, _ in SCORES + [("prior_shape_acc", "")]:
             vals = np.array([r[k] for r in rs if k in r], dtype=float)
             if len(vals):
@@ -545,14 +545,15 @@ def equal_quality(stats: dict, ref: str = "lora_r4") -> dict | None:
     """The smallest SuperLoRA whose mean subject fidelity is within the seed noise of `ref`.
 
     Seed noise: the larger of the two methods' standard deviations over seeds of the per-seed mean fidelity
-    (each mean over the subjects); "within" = mean fidelity >= ref's mean - that noise.
+    (each mean over the subjects); "within" = mean fidelity >= ref's mean - that noise. Only methods run on
+    as many seeds as `ref` qualify: a mean over fewer seeds has no seed noise of its own to be judged by.
     """
     if ref not in stats:
         return None
     r_mean = stats[ref]["subject_fidelity"][0]
     cands = []
     for m, st in stats.items():
-        if METHODS.get(m, {}).get("kind") != "superlora":
+        if METHODS.get(m, {}).get("kind") != "superlora" or st["seeds"] < stats[ref]["seeds"]:
             continue
         noise = max(stats[ref]["subject_fidelity_seedstd"], st["subject_fidelity_seedstd"])
         if st["subject_fidelity"][0] >= r_mean - noise:
@@ -573,21 +574,26 @@ def report(args) -> None:
     partial = {m for m, st in stats.items() if st["subjects"] < n_subjects}
     complete = {m: st for m, st in stats.items() if m not in partial}
     order = sorted(stats, key=lambda m: (stats[m]["family"], stats[m]["params"]))
-    lines = ["| method | family | trainable params | LoRA-r4 params / params | file bytes | lr | runs | " +
+    lines = ["| method | family | trainable params | LoRA-r4 params / params | file bytes | lr | subjects x seeds | " +
              " | ".join(label for _, label in SCORES) + " |",
              "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(SCORES)]
+
+    def cell(st: dict, k: str) -> str:
+        if k not in st:
+            return "-"
+        mean = f"{st[k][0]:+.3f}" if k in ("prior_shape_drift", "fidelity_gain") else f"{st[k][0]:.3f}"
+        return mean + (f" ± {st[k + '_seedstd']:.3f}" if st["seeds"] > 1 else "")
+
     for m in order:
         st = stats[m]
-        cells = [f"{st[k][0]:+.3f} ± {st[k + '_seedstd']:.3f}" if k in ("prior_shape_drift", "fidelity_gain") and k in st else
-                 f"{st[k][0]:.3f} ± {st[k + '_seedstd']:.3f}" if k in st else "-" for k, _ in SCORES]
         ratio = f"{stats['lora_r4']['params'] / st['params']:,.1f}x" if "lora_r4" in stats else "-"
         name = f"`{m}`" + (f" (partial: {st['subjects']} of {n_subjects} subjects; not plotted)" if m in partial else "")
         lines.append(f"| {name} | {st['family']} | {st['params']:,} | {ratio} | {st['file_bytes']:,} | {st['lr']:g} | "
-                     f"{st['n']} | " + " | ".join(cells) + " |")
+                     f"{st['subjects']} x {st['seeds']} | " + " | ".join(cell(st, k) for k, _ in SCORES) + " |")
     if base:
         b = list(base.values())
         mean = lambda k: sum(r[k] for r in b) / len(b)  # noqa: E731
-        lines.append(f"| base model (no adapter) | - | 0 | - | 0 | - | {len(b)} | {mean('subject_acc'):.3f} | "
+        lines.append(f"| base model (no adapter) | - | 0 | - | 0 | - | {len(b)} x 1 | {mean('subject_acc'):.3f} | "
                      f"{mean('subject_fidelity'):.3f} | 0 | {mean('recontext_background_acc'):.3f} | "
                      f"(prior shape acc {mean('prior_shape_acc'):.3f}) |")
     table = "\n".join(lines)
@@ -616,6 +622,7 @@ def plot(stats: dict, base: dict, path: str, ref: str = "lora_r4") -> None:
     panels = [("fidelity_gain", "subject fidelity gain vs base model (judge cosine)"), ("subject_acc", "subject accuracy"),
               ("recontext_background_acc", "background accuracy, re-contextualised prompts"),
               ("prior_shape_drift", "prior shape-accuracy drift vs base model")]
+    n_seed = max((st["seeds"] for st in stats.values()), default=0)
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     colors = plt.get_cmap("tab10")
     for ai, (ax, (k, label)) in enumerate(zip(axes.flat, panels)):
@@ -629,9 +636,11 @@ def plot(stats: dict, base: dict, path: str, ref: str = "lora_r4") -> None:
             y = [stats[m][k][0] for m in ms]
             e = [stats[m][k + "_seedstd"] for m in ms]
             peft = fam.startswith("peft")
-            ax.errorbar(x, y, yerr=e, marker="s" if peft else "o", ms=6, lw=2.4 if peft else 1.4,
-                        ls="-" if peft else "--", color="black" if fam == "peft LoRA" else colors(fi % 10),
-                        capsize=2, label=fam if ai == 0 else None)
+            marker, color = "s" if peft else "o", "black" if fam == "peft LoRA" else colors(fi % 10)
+            ax.errorbar(x, y, yerr=e, marker=marker, ms=6, lw=2.4 if peft else 1.4, ls="-" if peft else "--",
+                        color=color, capsize=2, label=fam if ai == 0 else None)
+            few = [i for i, m in enumerate(ms) if stats[m]["seeds"] < n_seed]  # hollow: fewer seeds, no error bar
+            ax.plot([x[i] for i in few], [y[i] for i in few], marker, ms=6, ls="none", mfc="white", mec=color)
             if k in ("fidelity_gain", "prior_shape_drift"):
                 for m, xi, yi in zip(ms, x, y):
                     ax.annotate(m, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6.5, alpha=0.8)
@@ -645,10 +654,10 @@ def plot(stats: dict, base: dict, path: str, ref: str = "lora_r4") -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
     n_sub = max((st["subjects"] for st in stats.values()), default=0)
-    n_seed = max((len(st.get("subject_fidelity_seedmeans", [])) for st in stats.values()), default=0)
     fig.legend(loc="lower center", ncol=4, fontsize=8.5, frameon=False)
     fig.suptitle(f"DreamBooth on the embedded toy base model: quality vs trainable parameters\n(mean over "
-                 f"{n_sub} subjects x {n_seed} seeds; error bars: std over seeds of the per-seed mean)", fontsize=10)
+                 f"{n_sub} subjects x {n_seed} seeds; error bars: std over seeds of the per-seed mean; hollow "
+                 f"markers: fewer seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")

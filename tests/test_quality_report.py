@@ -1,0 +1,88 @@
+"""The quality benchmark's report: the arithmetic behind every claim in docs/benchmarks.md' quality section.
+
+Synthetic JSON lines (no training): per-subject gains over the base model, seed noise as the std over seeds of
+the per-seed mean, and the equal-quality search that decides whether a parameter ratio may be claimed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SUBJECTS = ["striped_star", "polka_circle", "rainbow_heart", "checker_square"]
+BASE_FID = {"striped_star": 0.84, "polka_circle": 0.83, "rainbow_heart": 0.85, "checker_square": 0.82}
+
+
+def rows_for(method: str, params: int, gain: float, seeds=(0, 1, 2), subjects=SUBJECTS, jitter: float = 0.01):
+    """Final rows whose fidelity is base + gain + a seed-dependent offset (-jitter, 0, +jitter)."""
+    out = []
+    for seed in seeds:
+        for s in subjects:
+            out.append(dict(method=method, subject=s, seed=seed, lr=3e-3, phase="final", params=params,
+                            file_bytes=4 * params, subject_acc=0.5, subject_fidelity=BASE_FID[s] + gain + jitter * (seed - 1),
+                            recontext_background_acc=0.9, prior_shape_acc=0.9))
+    return out
+
+
+def base_rows():
+    return [dict(method="base", subject=s, seed=0, lr=0.0, phase="base", params=0, file_bytes=0, subject_acc=0.0,
+                 subject_fidelity=f, recontext_background_acc=1.0, prior_shape_acc=0.95) for s, f in BASE_FID.items()]
+
+
+def test_summary_gains_and_seed_noise(quality):
+    stats, base, _ = quality.summarise(base_rows() + rows_for("lora_r4", 154_240, 0.07))
+    st = stats["lora_r4"]
+    assert (st["subjects"], st["seeds"], st["n"]) == (4, 3, 12)
+    assert st["fidelity_gain"][0] == pytest.approx(0.07)
+    # per-seed means are gain -0.01, 0, +0.01 over the base: their std (ddof 1) is 0.01
+    assert st["subject_fidelity_seedstd"] == pytest.approx(0.01)
+    assert st["prior_shape_drift"][0] == pytest.approx(-0.05)
+
+
+def test_equal_quality_picks_smallest_superlora_within_noise(quality):
+    rows = (base_rows() + rows_for("lora_r4", 154_240, 0.070) + rows_for("lora_r1", 38_560, 0.065)
+            + rows_for("d2_g4_r8", 54_400, 0.062) + rows_for("t3_g12_r5", 12_840, 0.040))
+    stats, _, _ = quality.summarise(rows)
+    eq = quality.equal_quality(stats)
+    # lora_r1 is closer still but is not a SuperLoRA; t3_g12_r5 is smaller but 0.03 below (noise 0.01)
+    assert eq["method"] == "d2_g4_r8"
+    assert eq["ratio"] == pytest.approx(154_240 / 54_400)
+
+
+def test_equal_quality_needs_as_many_seeds_as_the_reference(quality):
+    rows = base_rows() + rows_for("lora_r4", 154_240, 0.07) + rows_for("t5_g1_r1", 101, 0.07, seeds=(0,))
+    stats, _, _ = quality.summarise(rows)
+    assert stats["t5_g1_r1"]["seeds"] == 1
+    assert quality.equal_quality(stats)["method"] is None
+    rows += rows_for("t5_g1_r1", 101, 0.07, seeds=(1, 2))
+    stats, _, _ = quality.summarise(rows)
+    assert quality.equal_quality(stats)["method"] == "t5_g1_r1"
+
+
+def test_report_table_marks_partial_and_single_seed_methods(quality, tmp_path):
+    rows = (base_rows() + rows_for("lora_r4", 154_240, 0.07) + rows_for("t3_g12_r5", 12_840, 0.01, seeds=(0,))
+            + rows_for("lokr_r4", 28_000, 0.03, seeds=(0,), subjects=SUBJECTS[:2]))
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    table, png = tmp_path / "table.md", tmp_path / "q.png"
+    quality.report(argparse.Namespace(jsonl=str(jsonl), plot=str(png), table=str(table)))
+    lines = {line.split("|")[1].strip(): line for line in table.read_text().splitlines() if line.startswith("| `")}
+    assert "4 x 3" in lines["`lora_r4`"] and "±" in lines["`lora_r4`"]
+    assert "4 x 1" in lines["`t3_g12_r5`"] and "±" not in lines["`t3_g12_r5`"]  # one seed: no noise to show
+    partial = [k for k in lines if k.startswith("`lokr_r4`")]
+    assert partial and "partial: 2 of 4 subjects" in partial[0]
+    assert png.stat().st_size > 10_000
