@@ -568,6 +568,8 @@ def equal_quality(stats: dict, ref: str = "lora_r4") -> dict | None:
 
 def report(args) -> None:
     rows = load(args.jsonl)
+    if getattr(args, "seeds", None) is not None:  # every method on the same training seeds: a like-for-like table
+        rows = [r for r in rows if r.get("phase") != "final" or r["seed"] in args.seeds]
     stats, base, search = summarise(rows)
     # A method run on fewer subjects than the others has a mean over other subjects: listed, not compared.
     n_subjects = max((st["subjects"] for st in stats.values()), default=0)
@@ -695,6 +697,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("jsonl")
     p.add_argument("--plot", default=str(ROOT / "docs" / "quality.png"))
     p.add_argument("--table", default=None, help="also write the markdown table here")
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="comma-separated training seeds to keep (default: all), e.g. 0 to set methods run on "
+                        "seed 0 only beside the others' seed-0 runs")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         run(args)

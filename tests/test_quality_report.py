@@ -86,3 +86,13 @@ def test_report_table_marks_partial_and_single_seed_methods(quality, tmp_path):
     partial = [k for k in lines if k.startswith("`lokr_r4`")]
     assert partial and "partial: 2 of 4 subjects" in partial[0]
     assert png.stat().st_size > 10_000
+
+
+def test_report_seed_filter_compares_like_for_like(quality, tmp_path):
+    rows = base_rows() + rows_for("lora_r4", 154_240, 0.07) + rows_for("t3_g12_r5", 12_840, 0.05, seeds=(0,))
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    table = tmp_path / "table.md"
+    quality.report(argparse.Namespace(jsonl=str(jsonl), plot=str(tmp_path / "q.png"), table=str(table), seeds=[0]))
+    lora = next(line for line in table.read_text().splitlines() if line.startswith("| `lora_r4`"))
+    assert "4 x 1" in lora and "+0.060" in lora  # seed 0 alone: gain 0.07 - jitter 0.01
