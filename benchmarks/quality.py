@@ -642,7 +642,7 @@ def plot(stats: dict, base: dict, path: str, ref: str = "lora_r4") -> None:
             ax.errorbar(x, y, yerr=e, marker=marker, ms=6, lw=2.4 if peft else 1.4, ls="-" if peft else "--",
                         color=color, capsize=2, label=fam if ai == 0 else None)
             few = [i for i, m in enumerate(ms) if stats[m]["seeds"] < n_seed]  # hollow: fewer seeds, no error bar
-            ax.plot([x[i] for i in few], [y[i] for i in few], marker, ms=6, ls="none", mfc="white", mec=color)
+            ax.plot([x[i] for i in few], [y[i] for i in few], marker, ms=6, ls="none", mfc="white", mec=color, zorder=3)
             if k in ("fidelity_gain", "prior_shape_drift"):
                 for m, xi, yi in zip(ms, x, y):
                     ax.annotate(m, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6.5, alpha=0.8)
