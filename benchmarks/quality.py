@@ -602,7 +602,8 @@ def report(args) -> None:
     eq = equal_quality(complete)
     grid_lines = [f"- `{m}`: " + ", ".join(f"{lr:g} → {f:.3f}" if f is not None else f"{lr:g} → failed"
                                           for lr, f in sorted(v)) for m, v in search.items()]
-    text = table + "\n\nLearning-rate search (subject fidelity on the search run):\n\n" + "\n".join(grid_lines)
+    text = table + "\n\nLearning-rate search (subject fidelity on the search run):\n\n" + (
+        "\n".join(grid_lines) or "- none: every method trained at the one rate of its grid (the lr column)")
     if eq:
         text += "\n\nEqual quality vs LoRA rank 4: " + json.dumps(eq)
     print(text)
@@ -695,7 +696,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--grace_s", type=float, default=60, help="then wait this long for the runs in flight")
     p = sub.add_parser("report")
     p.add_argument("jsonl")
-    p.add_argument("--plot", default=str(ROOT / "docs" / "quality.png"))
+    p.add_argument("--plot", default=None, help="also draw the plot to this PNG")
     p.add_argument("--table", default=None, help="also write the markdown table here")
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="comma-separated training seeds to keep (default: all), e.g. 0 to set methods run on "

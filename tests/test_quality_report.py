@@ -93,6 +93,8 @@ def test_report_seed_filter_compares_like_for_like(quality, tmp_path):
     jsonl = tmp_path / "q.jsonl"
     jsonl.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
     table = tmp_path / "table.md"
-    quality.report(argparse.Namespace(jsonl=str(jsonl), plot=str(tmp_path / "q.png"), table=str(table), seeds=[0]))
+    quality.report(argparse.Namespace(jsonl=str(jsonl), plot=None, table=str(table), seeds=[0]))
     lora = next(line for line in table.read_text().splitlines() if line.startswith("| `lora_r4`"))
     assert "4 x 1" in lora and "+0.060" in lora  # seed 0 alone: gain 0.07 - jitter 0.01
+    assert "- none: every method trained at the one rate" in table.read_text()  # no search rows: said, not blank
+    assert list(tmp_path.glob("*.png")) == []  # no plot unless asked
