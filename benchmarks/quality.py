@@ -523,6 +523,10 @@ def summarise(rows: list[dict]) -> tuple[dict, dict, dict]:
         st = {"n": len(rs), "params": rs[0]["params"], "file_bytes": rs[0]["file_bytes"], "lr": rs[0]["lr"],
               "family": METHODS.get(m, {}).get("family", rs[0].get("family", m)),
               "subjects": len({r["subject"] for r in rs}), "seeds": len({r["seed"] for r in rs})}
+        # per subject, mean over seeds: which subjects a method learns, hidden by the mean over subjects
+        st["per_subject"] = {s: tuple(float(np.mean([r[k] for r in rs if r["subject"] == s]))
+                                      for k in ("subject_acc", "subject_fidelity"))
+                             for s in dict.fromkeys(r["subject"] for r in rs)}
         for k, _ in SCORES + [("prior_shape_acc", "")]:
             vals = np.array([r[k] for r in rs if k in r], dtype=float)
             if len(vals):
@@ -598,6 +602,15 @@ def report(args) -> None:
         lines.append(f"| base model (no adapter) | - | 0 | - | 0 | - | {len(b)} x 1 | {mean('subject_acc'):.3f} | "
                      f"{mean('subject_fidelity'):.3f} | 0 | {mean('recontext_background_acc'):.3f} | "
                      f"(prior shape acc {mean('prior_shape_acc'):.3f}) |")
+    subjects = list(dict.fromkeys(s for st in stats.values() for s in st["per_subject"]))
+    lines += ["", "Per subject, mean over seeds: subject acc / subject fidelity (base model's fidelity in the header)",
+              "", "| method | " + " | ".join(f"{s} ({base[s]['subject_fidelity']:.3f})" if s in base else s
+                                           for s in subjects) + " |",
+              "|---|" + "---:|" * len(subjects)]
+    for m in order:
+        cells = [("{:.2f} / {:.3f}".format(*stats[m]["per_subject"][s]) if s in stats[m]["per_subject"] else "-")
+                 for s in subjects]
+        lines.append(f"| `{m}` ({stats[m]['seeds']} seed{'s' * (stats[m]['seeds'] > 1)}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     eq = equal_quality(complete)
     grid_lines = [f"- `{m}`: " + ", ".join(f"{lr:g} → {f:.3f}" if f is not None else f"{lr:g} → failed"

@@ -86,6 +86,10 @@ def test_report_table_marks_partial_and_single_seed_methods(quality, tmp_path):
     partial = [k for k in lines if k.startswith("`lokr_r4`")]
     assert partial and "partial: 2 of 4 subjects" in partial[0]
     assert png.stat().st_size > 10_000
+    text = table.read_text()  # per subject, mean over seeds: striped_star's base 0.84 + gain 0.07 (jitter averages out)
+    assert "| method | striped_star (0.840) | polka_circle (0.830) |" in text
+    assert "| `lora_r4` (3 seeds) | 0.50 / 0.910 | 0.50 / 0.900 |" in text
+    assert "| `lokr_r4` (1 seed) | 0.50 / 0.860 | 0.50 / 0.850 | - | - |" in text  # seed 0 only (gain - jitter); "-": not run
 
 
 def test_report_seed_filter_compares_like_for_like(quality, tmp_path):
