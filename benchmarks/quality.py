@@ -102,6 +102,11 @@ METHODS: dict[str, dict] = {
     "d2_g4_r8": _s("SuperLoRA 2-D reshape", factorization="lora", groups=4, rank=8),
     "d2_g4_r16": _s("SuperLoRA 2-D reshape", factorization="lora", groups=4, rank=16),
     "kron_g1_r2": _s("SuperLoRA Kronecker", factorization="kronecker", groups=1, rank=2, kron_factor=6),
+    # group-wise without reshape (issue 21): each shape's weights, Tucker along (layer, d_out, d_in)
+    "ax_r1": _s("SuperLoRA Tucker axes", factorization="tucker", fold=3, groups="shape", rank=1),
+    "ax_r2": _s("SuperLoRA Tucker axes", factorization="tucker", fold=3, groups="shape", rank=2),
+    "ax_r4": _s("SuperLoRA Tucker axes", factorization="tucker", fold=3, groups="shape", rank=4),
+    "ax_r8": _s("SuperLoRA Tucker axes", factorization="tucker", fold=3, groups="shape", rank=8),
 }
 
 
@@ -398,7 +403,7 @@ def run(args) -> None:
     ready: list[dict] = []
 
     def search_job(m: str, lr: float) -> dict:
-        return dict(method=m, subject=args.subjects[0], seed=SEARCH_SEED, lr=lr, phase="search", **common)
+        return dict(method=m, subject=args.subjects[0], seed=args.search_seed, lr=lr, phase="search", **common)
 
     def finals(m: str, lr: float) -> list[dict]:
         return [dict(method=m, subject=s, seed=sd, lr=lr, phase="final", **common)
@@ -700,7 +705,10 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--n_eval", type=int, default=16, help="images per prompt type")
     r.add_argument("--eval_steps", type=int, default=20)
     r.add_argument("--subjects", default=",".join(SUBJECTS))
-    r.add_argument("--seeds", type=int, default=3)
+    r.add_argument("--seeds", type=int, default=3, help="final runs on seeds 0..N-1 (0: the search alone)")
+    r.add_argument("--search_seed", type=int, default=SEARCH_SEED,
+                   help="training seed of the learning-rate search (0 makes search runs comparable, draw for draw, "
+                        "with every method's seed-0 final on the first subject)")
     r.add_argument("--methods", default="all", help="comma-separated names of METHODS, or all")
     r.add_argument("--lr_grid", type=lambda v: [float(x) for x in v.split(",")], default=LR_GRID,
                    help="comma-separated learning rates every method tries first (default %(default)s)")

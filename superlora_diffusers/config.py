@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 
 Factorization = Literal["lora", "kronecker", "tucker"]
 Projection = Literal["none", "fastfood", "gaussian"]
-Groups = Union[int, Literal["weight"]]
+Groups = Union[int, Literal["weight", "shape"]]
 
 FACTORIZATIONS = ("lora", "kronecker", "tucker")
 PROJECTIONS = ("none", "fastfood", "gaussian")
@@ -29,8 +29,10 @@ class SuperLoRAConfig:
             (⊗ of `kron_splits` factors, fold 2) or "tucker" (core ×ₘ factor matrices, any fold).
         rank: rank r of the low-rank factors (Tucker: core size r per mode).
         alpha: scale numerator; ΔW is multiplied by alpha / rank. None means alpha = rank (scale 1).
-        groups: number G of equal chunks of the super-vector, or "weight" for one chunk per adapted
-            weight (weight-aligned; with fold=2 each chunk keeps its native (d_out, d_in) shape).
+        groups: number G of equal chunks of the super-vector, "weight" for one chunk per adapted
+            weight (weight-aligned; with fold=2 each chunk keeps its native (d_out, d_in) shape), or
+            "shape": the weights of each (d_out, d_in) shape stacked along a layer axis and Tucker-factored
+            along (layer, d_out, d_in) without reshaping (`axes.py`; needs factorization="tucker", fold=3).
         fold: order M of the tensor each chunk is folded into (2 = matrix, 3 = cube, ...).
         fold_shape: explicit mode sizes (product >= chunk size) instead of equal sizes; needs integer groups.
         shuffle: apply one fixed random permutation to the super-vector before grouping.
@@ -89,8 +91,10 @@ class SuperLoRAConfig:
             raise ValueError(f"rank={self.rank!r} must be a positive integer.")
         if self.alpha is not None and not math.isfinite(self.alpha):
             raise ValueError(f"alpha={self.alpha!r} must be a finite number (or None for alpha = rank).")
-        if self.groups != "weight" and (not isinstance(self.groups, int) or self.groups < 1):
-            raise ValueError(f"groups={self.groups!r} must be a positive integer or 'weight'.")
+        if self.groups not in ("weight", "shape") and (not isinstance(self.groups, int) or self.groups < 1):
+            raise ValueError(f"groups={self.groups!r} must be a positive integer, 'weight' or 'shape'.")
+        if self.groups == "shape":
+            self._validate_shape_groups()
         if not isinstance(self.fold, int) or self.fold < 2:
             raise ValueError(f"fold={self.fold!r} must be an integer >= 2 (2 = matrix, 3 = cube, ...).")
         if self.factorization in ("lora", "kronecker") and self.fold != 2:
@@ -99,7 +103,7 @@ class SuperLoRAConfig:
                 "use factorization='tucker' for fold >= 3."
             )
         if self.fold_shape is not None:
-            if self.groups == "weight":
+            if not isinstance(self.groups, int):
                 raise ValueError("fold_shape needs integer groups (weight-aligned chunks differ in size); set groups=G.")
             if len(self.fold_shape) != self.fold or min(self.fold_shape) < 1:
                 raise ValueError(
@@ -118,6 +122,16 @@ class SuperLoRAConfig:
             raise ValueError(f"kron_factor={self.kron_factor} must be a positive size or -1 (balanced).")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list; name at least one module pattern or a preset.")
+
+    def _validate_shape_groups(self) -> None:
+        """groups="shape" keeps each weight's own axes: nothing may fold, shuffle or project them."""
+        if self.factorization != "tucker" or self.fold != 3:
+            raise ValueError(
+                f"groups='shape' is a Tucker over (layer, d_out, d_in): set factorization='tucker' and fold=3 "
+                f"(got factorization={self.factorization!r}, fold={self.fold})."
+            )
+        if self.shuffle or self.projection != "none" or self.fold_shape is not None:
+            raise ValueError("groups='shape' keeps the weights' own axes: turn off shuffle, projection and fold_shape.")
 
     # --- serialisation (the config lives in file metadata) -------------------------------------------
     def to_dict(self) -> dict[str, Any]:

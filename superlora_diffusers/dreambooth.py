@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--factorization", choices=["lora", "kronecker", "tucker"], default=None)
     t.add_argument("--rank", type=int, default=None)
     t.add_argument("--alpha", type=float, default=None, help="ΔW is scaled by alpha/rank (default alpha = rank)")
-    t.add_argument("--groups", default=None, help="number of groups G, or 'weight' for one per weight")
+    t.add_argument("--groups", default=None,
+                   help="number of groups G, 'weight' for one per weight, or 'shape' for a Tucker over (layer, d_out, "
+                        "d_in) of each shape's weights (with --factorization tucker --fold 3)")
     t.add_argument("--fold", type=int, default=None, help="fold each group into an M-way tensor")
     t.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--projection", choices=["none", "fastfood", "gaussian"], default=None)
@@ -173,7 +175,7 @@ def superlora_config_from_args(args: argparse.Namespace, shapes_for) -> tuple[Su
                                                "projection_ratio", "kron_splits", "kron_factor")
                  if getattr(args, k) is not None}
     if args.groups is not None:
-        overrides["groups"] = args.groups if args.groups == "weight" else int(args.groups)
+        overrides["groups"] = args.groups if args.groups in ("weight", "shape") else int(args.groups)
     if overrides.get("projection_ratio", 1.0) < 1.0 and "projection" not in overrides:
         overrides["projection"] = "fastfood"
     preset_defaults = {"rank": 4} if args.superlora_preset != "lorta" else {"rank": 4, "groups": 4}

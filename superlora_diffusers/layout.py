@@ -179,6 +179,8 @@ class Layout:
         shapes = [(int(o), int(i)) for o, i in shapes]
         if not shapes or min(min(s) for s in shapes) < 1:
             raise ValueError(f"SuperLoRA needs a non-empty list of positive (d_out, d_in) shapes, got {shapes}.")
+        if config.groups == "shape":  # no chunks: `axes.py` factors each shape's weights along their own axes
+            return cls(tuple(shapes), ())
         if config.groups == "weight":
             blocks = []
             for native in shapes:

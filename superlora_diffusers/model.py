@@ -66,7 +66,7 @@ class AdaptedLayer:
         for scale, b, a in low_rank:  # scale·x·Aᵀ·Bᵀ: for a conv, A as an r-channel kernel, then B as a 1x1 conv
             b, a = b.to(x.dtype), a.to(x.dtype)
             if self.is_conv:
-                h = F.conv2d(x, a.view(a.shape[0], *c.weight.shape[1:]), None, c.stride, c.padding, c.dilation)
+                h = F.conv2d(x, a.reshape(a.shape[0], *c.weight.shape[1:]), None, c.stride, c.padding, c.dilation)
                 out = out + scale * F.conv2d(h, b[..., None, None])
             else:
                 out = out + scale * F.linear(F.linear(x, a), b)

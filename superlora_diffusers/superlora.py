@@ -9,7 +9,8 @@ copies every entry forward and zero-fills + copies them backward: at SD scale mo
 alpha / rank is applied inside the factors, to the small zero-initialised tensor, never to an N-sized one.
 Grouping and folding mix layers, so the per-layer shortcut x·A·B is unavailable: the whole super-vector
 is materialised once per model forward and every adapted layer reads its slice. The weight-aligned LoRA
-layout is the exception: `low_rank()` hands each of its layers its own (B, A) for training.
+layout is the exception: `low_rank()` hands each of its layers its own (B, A) for training; so does
+`groups="shape"` (`axes.py`), which factors each shape's weights along their own axes instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from .axes import AxisTucker, axis_parameter_shapes
 from .config import SuperLoRAConfig
 from .factorization import ChunkFactors, chunk_numel, factor_shapes
 from .layout import Block, Layout, Shape, Unshuffle, row_positions, row_segments, shuffle_index, unshuffle_indices
@@ -32,6 +34,9 @@ class SuperLoRA(nn.Module):
         super().__init__()
         self.config = config
         self.layout = Layout.build(config, shapes)
+        if config.groups == "shape":  # each shape's weights factored along their own axes: no super-vector pass
+            self.axes = AxisTucker(config, self.layout.shapes)
+            return
         self.blocks = nn.ModuleList(ChunkFactors(config, block) for block in self.layout.blocks)
         self.projections = nn.ModuleList(
             build_projection(config.projection, block.projected, block.size, config.projection_seed + i)
@@ -58,6 +63,8 @@ class SuperLoRA(nn.Module):
 
     def forward(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """All ΔW, one (d_out, d_in) tensor per shape, in `dtype` (default: the factors' dtype)."""
+        if self.config.groups == "shape":
+            return [delta if dtype is None else delta.to(dtype) for delta in self.axes()]
         rows = [self._rows(factors, projection, block)
                 for factors, projection, block in zip(self.blocks, self.projections, self.layout.blocks)]
         if self.config.shuffle:  # the gather index points past every surplus: nothing to trim first
@@ -83,7 +90,10 @@ class SuperLoRA(nn.Module):
         """(B, A) with ΔW = B·A (alpha / rank in B) where a weight's chunk is the weight itself (plain LoRA), else None.
 
         Adapted layers then train on x·Aᵀ·Bᵀ, as peft does: no d_out × d_in ΔW and no dense weight gradient.
+        `groups="shape"` always has such factors (U_out·C_l·γ, U_inᵀ).
         """
+        if self.config.groups == "shape":
+            return self.axes.low_rank(weight)
         slot = self.low_rank_slots[weight]
         if slot is None:
             return None
@@ -130,6 +140,8 @@ def _narrow(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape]) -> dict[str, tuple[int, ...]]:
     """`SuperLoRA(config, shapes).state_dict()` names -> shapes, computed without allocating anything."""
+    if config.groups == "shape":
+        return axis_parameter_shapes(config, shapes)
     layout = Layout.build(config, shapes)
     return {
         f"blocks.{i}.{name}": shape

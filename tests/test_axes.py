@@ -1,0 +1,109 @@
+"""groups="shape": each shape's weights Tucker-factored along (layer, d_out, d_in), trained on its factors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import generate, tiny_pipeline
+from test_pipeline import add_random_adapter
+
+from superlora_diffusers import SuperLoRA, SuperLoRAConfig, count_parameters
+from superlora_diffusers.model import get_superlora_model
+
+SHAPES = [(8, 6), (8, 6), (4, 6), (8, 6), (3, 5), (4, 6)]
+
+
+def axes_config(rank: int = 2, **kw) -> SuperLoRAConfig:
+    return SuperLoRAConfig(factorization="tucker", fold=3, groups="shape", rank=rank, **kw)
+
+
+def test_count_is_per_distinct_shape_and_ranks_are_capped_at_each_axis():
+    # (8, 6) x3: core 2x2x2 + layer 3x2 + out 8x2 + in 6x2; (4, 6) x2; (3, 5) x1: layer rank capped at 1
+    expected = (8 + 6 + 16 + 12) + (8 + 4 + 8 + 12) + (1 * 2 * 2 + 1 + 6 + 10)
+    module = SuperLoRA(axes_config(rank=2), SHAPES)
+    assert count_parameters(axes_config(rank=2), SHAPES) == module.num_parameters() == expected
+    assert module.axes.groups[2].core.shape == (1, 2, 2)
+    # a shape group pays for its factors once: adding two more (8, 6) weights costs only their layer rows
+    assert count_parameters(axes_config(rank=2), SHAPES + [(8, 6), (8, 6)]) == expected + 2 * 2
+
+
+def test_zero_at_init_and_factors_reproduce_every_delta():
+    torch.manual_seed(0)
+    module = SuperLoRA(axes_config(rank=3, alpha=6.0), SHAPES)
+    assert all(d.abs().max() == 0 for d in module())
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    deltas = module()
+    for i, shape in enumerate(SHAPES):
+        b, a = module.low_rank(i)
+        assert deltas[i].shape == shape
+        torch.testing.assert_close(b @ a, deltas[i], rtol=1e-5, atol=1e-5)
+    # the same U_out / U_in serve every weight of a shape: their ΔW share column and row spaces
+    stacked = torch.cat([deltas[0], deltas[1], deltas[3]], dim=1)
+    assert torch.linalg.matrix_rank(stacked) <= 3
+
+
+def test_gain_makes_one_core_step_as_large_as_a_lora_step():
+    """γ = sqrt(L·d_out / (3·r_i·r_l)) with orthonormal factors: a unit step on every core entry moves the
+    group's ΔW by sqrt(L·d_out·r_o / 3), what a unit step on every B entry of a rank-r_o LoRA moves it."""
+    torch.manual_seed(0)
+    shapes = [(64, 48)] * 5
+    module = SuperLoRA(axes_config(rank=4), shapes)
+    group = module.axes.groups[0]
+    for factor in (group.factor_out, group.factor_in, group.factor_layer):
+        torch.testing.assert_close(factor.T @ factor, torch.eye(factor.shape[1]), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        group.core.fill_(1.0)
+    with torch.no_grad():
+        moved = torch.stack(module()).norm().item()
+    # orthonormal factors: ||ΔW|| = γ·||core|| exactly, and ||core|| = sqrt(4·4·4)
+    assert math.isclose(moved, math.sqrt(5 * 64 / (3 * 4 * 4)) * 8, rel_tol=1e-4)
+    assert math.isclose(moved, math.sqrt(5 * 64 * 4 / 3), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(factorization="lora", fold=2), dict(fold=4), dict(shuffle=True),
+                                dict(projection="gaussian", projection_ratio=0.5)])
+def test_config_refuses_what_would_fold_or_mix_the_axes(kw):
+    args = {"factorization": "tucker", "fold": 3, "groups": "shape", "rank": 2, **kw}
+    with pytest.raises(ValueError, match="groups='shape'"):
+        SuperLoRAConfig(**args)
+
+
+def test_trains_on_its_factors_exactly_as_through_dense_delta():
+    """UNet attention + ResNet convs + CLIP: factored x·U_in·C_lᵀ·U_outᵀ = W + ΔW, outputs and gradients."""
+    pipe = tiny_pipeline()
+    module = add_random_adapter(pipe, axes_config(rank=3, target_modules="unet+conv+text"))
+    model = get_superlora_model(pipe._superlora_components())
+    unet, text = pipe.unet.double(), pipe.text_encoder.double()
+    module.double()
+    sample, ids = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor(pipe.tokenizer(["a photo of sks"]).input_ids)
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        module.zero_grad()
+        out = unet(sample, 10, text(ids)[0].expand(2, -1, -1), cross_attention_kwargs={"scale": 0.7}).sample
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in module.parameters()]
+
+    model.generations = 0
+    factored, factored_grads = step()
+    assert model.generations == 0  # no ΔW formed in training
+    module.low_rank = lambda index: None
+    dense, dense_grads = step()
+    torch.testing.assert_close(factored, dense, rtol=1e-9, atol=1e-12)
+    for a, b in zip(factored_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert all(g.abs().sum() > 0 for g in factored_grads)
+
+
+def test_save_load_round_trip(tmp_path):
+    pipe = tiny_pipeline()
+    add_random_adapter(pipe, axes_config(rank=2, target_modules="unet+text"), std=0.1)
+    adapted = generate(pipe)
+    pipe.save_superlora_weights(tmp_path / "a")
+    fresh = tiny_pipeline()
+    fresh.load_superlora_weights(tmp_path / "a")
+    assert torch.equal(generate(fresh), adapted)
+    assert fresh.get_superlora_info()["config"]["groups"] == "shape"
