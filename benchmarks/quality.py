@@ -1,6 +1,10 @@
-"""Quality per parameter: DreamBooth on the embedded toy base model, peft LoRA / LoKr vs SuperLoRA presets.
+"""Quality per parameter: DreamBooth on the embedded toy base model, peft tuners vs SuperLoRA presets.
 
-Every method shares exactly the same data, steps, batch and randomness; only the adapter differs.
+Every method shares exactly the same data, steps, batch and randomness; only the adapter differs. Peers of
+SuperLoRA: peft LoRA / LoKr; peft's shared-vector tuners VeRA, VB-LoRA, UniLoRA and TinyLoRA (sized near 1.5k, 5k,
+15k and 40k trainable params on attention + text; Linear layers only, so not with `--targets conv`; one shared
+state over the UNet and CLIP); textual inversion alone (`ti`: a zero-initialised delta on the "sks" input
+embedding, 128 params); pivotal tuning (`*_ti`: that embedding trained beside the adapter at `--ti_lr`).
 
     # the whole benchmark (one GPU machine, many runs at once on one GPU; results appended as JSON lines)
     python benchmarks/quality.py run --out out/quality.jsonl --device cuda --workers 14
@@ -22,7 +26,8 @@ Protocol (one run = one method, one subject, one seed, one learning rate):
   (which images, latent sampling, noise, timesteps) comes from one CPU generator seeded by the run's seed, and
   the adapter's initialisation from `torch.manual_seed(seed)`. Text encoder frozen, except the SuperLoRA
   "unet+text" variant, where the shared SuperLoRA also adapts CLIP's attention and CLIP runs every step, and
-  with `--train_text_encoder`, where every method (peft LoRA/LoKr on q/k/v/out_proj too) does so.
+  with `--train_text_encoder`, where every method (peft LoRA/LoKr on q/k/v/out_proj too) does so, and with
+  textual inversion (its embedding delta needs CLIP every step).
 - prior preservation: the default weight is 0. On this toy base model "a photo of sks star" and
   "a photo of a star" give CLIP states that differ by ~6% of their norm (vs ~35% between two shapes), and with
   the prior loss at weight 1 (or 0.25) no adapter moved the judge's subject fidelity off the base model's level
@@ -47,6 +52,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,6 +79,17 @@ LR_LADDER = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # where a grid is extend
 
 def _s(family: str, **cfg) -> dict:
     return {"kind": "superlora", "family": family, "config": cfg}
+
+
+# peft tuners whose trainable state is shared across layers: kind -> (config class, family)
+PEFT_SHARED = {"vera": ("VeraConfig", "peft VeRA"), "vblora": ("VBLoRAConfig", "peft VB-LoRA"),
+               "unilora": ("UniLoraConfig", "peft UniLoRA"), "tinylora": ("TinyLoraConfig", "peft TinyLoRA")}
+TI_TOKEN = "sks"
+TI_LR = 5e-3  # --ti_lr default: the "sks" embedding's rate in pivotal tuning
+
+
+def _peft(kind: str, **cfg) -> dict:
+    return {"kind": kind, "family": PEFT_SHARED[kind][1], "config": cfg}
 
 
 # name -> method. Order = priority (what runs first if the machine's time runs out).
@@ -107,6 +124,35 @@ METHODS: dict[str, dict] = {
     "ax_r2": _s("SuperLoRA Tucker axes", factorization="tucker", fold=3, groups="shape", rank=2),
     "ax_r4": _s("SuperLoRA Tucker axes", factorization="tucker", fold=3, groups="shape", rank=4),
     "ax_r8": _s("SuperLoRA Tucker axes", factorization="tucker", fold=3, groups="shape", rank=8),
+    "ax_r1_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=1), "ti": True},
+    "ax_r2_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=2), "ti": True},
+    "ax_r8_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=8), "ti": True},
+    # textual inversion alone: the "sks" input embedding (128 params; ignores --targets/--train_text_encoder), and
+    # pivotal tuning ("ti": the same embedding trained beside the adapter, at --ti_lr)
+    "ti": {"kind": "ti", "family": "textual inversion"},
+    "lora_r1_ti": {"kind": "lora", "family": "peft LoRA + TI", "r": 1, "ti": True},
+    "lora_r4_ti": {"kind": "lora", "family": "peft LoRA + TI", "r": 4, "ti": True},
+    # peft's shared-vector tuners (Linear layers only), sized on attention + text (92 layers: sum d_out 7,936,
+    # sum d_in + d_out 16,832). VeRA: lambda_b (d_out) + lambda_d (r) per layer, >= 8,028 (r=1): no 1.5k/5k.
+    "vera_15k": _peft("vera", r=77),  # 7,936 + 92 x 77 = 15,020
+    "vera_40k": _peft("vera", r=349),  # 40,044
+    # VB-LoRA: one bank (n x 32) + per layer r x n logits per 32-slice of d_in and d_out: n x (32 + r x 16,832 / 32)
+    "vblora_1k5": _peft("vblora", r=1, num_vectors=3, vector_length=32),  # 1,674
+    "vblora_5k": _peft("vblora", r=1, num_vectors=9, vector_length=32),  # 5,022
+    "vblora_15k": _peft("vblora", r=1, num_vectors=27, vector_length=32),  # 15,066
+    "vblora_40k": _peft("vblora", r=1, num_vectors=72, vector_length=32),  # 40,176
+    # UniLoRA: one vector theta_d; each entry of a rank-4 LoRA (67,328 in all) is a scaled entry of it
+    "unilora_1k5": _peft("unilora", theta_d_length=1500),
+    "unilora_5k": _peft("unilora", theta_d_length=5000),
+    "unilora_15k": _peft("unilora", theta_d_length=15000),
+    "unilora_40k": _peft("unilora", theta_d_length=40000),
+    # TinyLoRA: v (u) -> R = sum_i v_i P_i (r x r) in each layer's top-r SVD basis; r^2 x layers per v >= u, so no
+    # entry of v is redundant. One v for all 92 layers (weight_tying 1) while the frozen P (u x r^2 per layer, saved
+    # by default) stays small: 14 MB at 1.5k, 118 MB at 5k, 0.9 GB at 15k; so 15k and 40k have one v per layer.
+    "tinylora_1k5": _peft("tinylora", r=5, u=1500, weight_tying=1.0),
+    "tinylora_5k": _peft("tinylora", r=8, u=5000, weight_tying=1.0),
+    "tinylora_15k": _peft("tinylora", r=13, u=163, weight_tying=0.0),  # 92 x 163 = 14,996
+    "tinylora_40k": _peft("tinylora", r=21, u=435, weight_tying=0.0),  # 40,020
 }
 
 
@@ -211,36 +257,104 @@ def evaluate(unet, te, subject: str, n: int, steps: int, chunk: int = 96) -> dic
     return judge_scores(subj, rectx, bgs, prior, subject, value_range=(0, 1))
 
 
+Built = tuple[list[torch.nn.Parameter], Callable[[], int], bool]  # trainable params, file bytes, text encoder trains
+
+
 def add_adapter(method: str, unet, te, seed: int, targets: str = "attention", text: bool = False):
     """Inject the method's adapter on the attention projections (or, `targets="conv"`, also the ResNet convs;
-    `text`: also CLIP's attention, for every method); returns (trainable params, file-bytes function,
-    whether the text encoder trains)."""
+    `text`: also CLIP's attention, for every method); returns (trainable params, textual-inversion params,
+    file-bytes function, whether the text encoder trains). The TI params (pivotal tuning: a spec's "ti") get their
+    own learning rate; for the method `ti` the embedding is the method's own parameter, at the searched rate."""
     spec = METHODS[method]
+    if msg := unsupported(method, targets):
+        raise ValueError(msg)
     torch.manual_seed(seed)
-    if spec["kind"] in ("lora", "lokr"):
-        import safetensors.torch
-        from peft import LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    if spec["kind"] == "ti":
+        delta, file_bytes = add_token_delta(te)
+        return [delta], [], file_bytes, True
+    builders = {"lora": _add_peft_lora, "lokr": _add_peft_lora, "superlora": _add_superlora}
+    build = builders.get(spec["kind"], _add_peft_shared)
+    params, file_bytes, train_text = build(spec, unet, te, targets, text)
+    if not spec.get("ti"):
+        return params, [], file_bytes, train_text
+    delta, ti_bytes = add_token_delta(te)  # after the adapter and zero: the adapter's random draws are unchanged
+    return params, [delta], lambda: file_bytes() + ti_bytes(), True
 
-        r = spec["r"]
-        peft_targets = PEFT_CONV_TARGETS if targets == "conv" else UNET_TARGETS
-        if spec["kind"] == "lora":
-            cfg = LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=peft_targets)
-        else:
-            cfg = LoKrConfig(r=r, alpha=r, target_modules=peft_targets)
-        inject_adapter_in_model(cfg, unet)
-        models = {"unet": unet}
-        if text:
-            inject_adapter_in_model(dataclasses.replace(cfg, target_modules=CLIP_TARGETS), te)
-            models["text_encoder"] = te
-        params = [p for m in models.values() for n, p in m.named_parameters() if ("lora_" in n or "lokr_" in n)]
-        for p in params:
-            p.requires_grad_(True)
 
-        def file_bytes() -> int:
-            sd = {f"{name}.{k}": v.detach().float().cpu().contiguous()
-                  for name, m in models.items() for k, v in get_peft_model_state_dict(m).items()}
-            return len(safetensors.torch.save(sd))
-        return params, file_bytes, text
+def unsupported(method: str, targets: str) -> str | None:
+    """Why `method` cannot run on `targets` (peft's shared-vector tuners adapt Linear layers only), else None."""
+    if targets == "conv" and METHODS.get(method, {}).get("kind") in PEFT_SHARED:
+        return f"{method} supports Linear layers only; run it with --targets attention"
+    return None
+
+
+def _add_peft_lora(spec: dict, unet, te, targets: str, text: bool) -> Built:
+    """peft LoRA / LoKr: one `inject_adapter_in_model` per model (no state shared between layers)."""
+    import safetensors.torch
+    from peft import LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    r = spec["r"]
+    peft_targets = PEFT_CONV_TARGETS if targets == "conv" else UNET_TARGETS
+    if spec["kind"] == "lora":
+        cfg = LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=peft_targets)
+    else:
+        cfg = LoKrConfig(r=r, alpha=r, target_modules=peft_targets)
+    inject_adapter_in_model(cfg, unet)
+    models = {"unet": unet}
+    if text:
+        inject_adapter_in_model(dataclasses.replace(cfg, target_modules=CLIP_TARGETS), te)
+        models["text_encoder"] = te
+    params = [p for m in models.values() for n, p in m.named_parameters() if ("lora_" in n or "lokr_" in n)]
+    for p in params:
+        p.requires_grad_(True)
+
+    def file_bytes() -> int:
+        sd = {f"{name}.{k}": v.detach().float().cpu().contiguous()
+              for name, m in models.items() for k, v in get_peft_model_state_dict(m).items()}
+        return len(safetensors.torch.save(sd))
+    return params, file_bytes, text
+
+
+def _add_peft_shared(spec: dict, unet, te, targets: str, text: bool) -> Built:
+    """VeRA / VB-LoRA / UniLoRA / TinyLoRA keep their shared vector, bank or projections on the tuner, which
+    `inject_adapter_in_model` refuses: `get_peft_model` on one container of the UNet (and the text encoder) adapts
+    both in place around ONE shared state, as SuperLoRA's "+text" shares one module. `parameters()` yields a tensor
+    that many layers reference once."""
+    import peft
+    import safetensors.torch
+
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": te} if text else {"unet": unet})
+    config_cls = getattr(peft, PEFT_SHARED[spec["kind"]][0])
+    config = config_cls(target_modules=UNET_TARGETS + (CLIP_TARGETS if text else []), **spec["config"])
+    peft_model = peft.get_peft_model(models, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def file_bytes() -> int:  # peft's defaults: VeRA/TinyLoRA save their projections, UniLoRA not its indices
+        sd = peft.get_peft_model_state_dict(peft_model)
+        return len(safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}))
+    return params, file_bytes, text
+
+
+def add_token_delta(te) -> tuple[torch.nn.Parameter, Callable[[], int]]:
+    """Textual inversion of TI_TOKEN as a trainable delta on its input embedding, added by a forward hook where the
+    ids are that token: the embedding table stays frozen, and the zero start draws no random number and leaves the
+    base model's outputs unchanged."""
+    import safetensors.torch
+
+    ids = W["tokenizer"](TI_TOKEN, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{TI_TOKEN!r} is {len(ids)} tokens; textual inversion here needs one")
+    emb = te.get_input_embeddings()
+    delta = torch.nn.Parameter(torch.zeros(emb.embedding_dim, device=emb.weight.device))
+    emb.register_forward_hook(lambda module, args, out: out + (args[0] == ids[0]).unsqueeze(-1) * delta)
+
+    def file_bytes() -> int:
+        return len(safetensors.torch.save({TI_TOKEN: delta.detach().cpu().contiguous()}))
+    return delta, file_bytes
+
+
+def _add_superlora(spec: dict, unet, te, targets: str, text: bool) -> Built:
+    """One SuperLoRA module over every target of the UNet (and, "+text", CLIP's attention)."""
     from superlora_diffusers import SuperLoRAConfig
     from superlora_diffusers.model import get_superlora_model, inject_superlora
     from superlora_diffusers.serialization import serialize
@@ -277,8 +391,8 @@ def run_job(job: dict) -> dict:
     data = W["data"][subject]
     inst, prior = data["inst"].to(dev), data["prior"].to(dev)
     shape = world.SUBJECTS[subject].shape
-    params, file_bytes, train_text = add_adapter(method, unet, te, seed, job.get("targets", "attention"),
-                                                 job.get("text", False))
+    params, ti_params, file_bytes, train_text = add_adapter(method, unet, te, seed, job.get("targets", "attention"),
+                                                            job.get("text", False))
     steps = job["steps"]
     scaling = W["vae"].config.scaling_factor
     sched = W["noise"]
@@ -297,7 +411,9 @@ def run_job(job: dict) -> dict:
     prompts = prompts[:rows]
     with torch.no_grad():
         fixed = encode(te, prompts)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    groups = [{"params": params, "lr": lr}] + ([{"params": ti_params, "lr": job["ti_lr"]}] if ti_params else [])
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    trainable = params + ti_params  # clipped together, counted together
     unet.train()
     if train_text:
         te.train()
@@ -314,7 +430,7 @@ def run_job(job: dict) -> dict:
         per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
         loss = per[:BATCH].mean() + (pw * per[BATCH:].mean() if pw > 0 else 0.0)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == steps - 1:
@@ -335,7 +451,7 @@ def run_job(job: dict) -> dict:
     finite = all(math.isfinite(x) for x in losses)
     if finite:
         out.update(evaluate(unet, te, subject, job["n_eval"], job["eval_steps"]))
-    out.update(params=sum(p.numel() for p in params), file_bytes=file_bytes(), final_loss=losses[-1],
+    out.update(params=sum(p.numel() for p in trainable), file_bytes=file_bytes(), final_loss=losses[-1],
                loss_curve=losses, finite=finite, train_seconds=round(train_s, 2),
                seconds=round(time.time() - t0, 2), family=METHODS[method]["family"])
     return out
@@ -369,8 +485,9 @@ def hard_exit(executor, code: int) -> None:
 
 
 def job_key(j: dict) -> tuple:
-    return (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"], j.get("targets", "attention"),
-            j.get("text", False), j["steps"], j["prior_weight"])
+    key = (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"], j.get("targets", "attention"),
+           j.get("text", False), j["steps"], j["prior_weight"])
+    return key + ((float(j["ti_lr"]),) if "ti_lr" in j else ())  # pivotal tuning's embedding rate
 
 
 def run(args) -> None:
@@ -378,7 +495,8 @@ def run(args) -> None:
 
     The search grid is extended by one ladder step (`LR_LADDER`) while the best value sits at its edge, up
     to `--lr_extend` times. Each choice is written as a {"phase": "choice"} line. Runs already in `--out`
-    (same method, subject, seed, rate and phase) are not run again, so an interrupted run resumes.
+    (same method, subject, seed, rate, phase and, for pivotal tuning, --ti_lr) are not run again, so an interrupted
+    run resumes.
     """
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -386,6 +504,12 @@ def run(args) -> None:
     t_start = time.time()
     args.subjects = args.subjects.split(",")
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    skipped = [m for m in methods if unsupported(m, args.targets)]
+    if skipped and args.methods != "all":  # named: an error before any work; "all": the others run
+        raise SystemExit("\n".join(unsupported(m, args.targets) for m in skipped))
+    if skipped:
+        print(f"skipped on --targets {args.targets} (Linear layers only): {', '.join(skipped)}", flush=True)
+    methods = [m for m in methods if m not in skipped]
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     previous = [r for r in (load(args.out) if Path(args.out).exists() else []) if "error" not in r]
@@ -402,11 +526,15 @@ def run(args) -> None:
     searched: dict[str, dict[float, dict]] = {m: {} for m in methods}
     ready: list[dict] = []
 
+    def own(m: str) -> dict:  # the embedding's rate, in the rows (and keys) of methods with pivotal tuning only
+        return {"ti_lr": args.ti_lr} if METHODS.get(m, {}).get("ti") else {}
+
     def search_job(m: str, lr: float) -> dict:
-        return dict(method=m, subject=args.subjects[0], seed=args.search_seed, lr=lr, phase="search", **common)
+        return dict(method=m, subject=args.subjects[0], seed=args.search_seed, lr=lr, phase="search", **common,
+                    **own(m))
 
     def finals(m: str, lr: float) -> list[dict]:
-        return [dict(method=m, subject=s, seed=sd, lr=lr, phase="final", **common)
+        return [dict(method=m, subject=s, seed=sd, lr=lr, phase="final", **common, **own(m))
                 for sd in seeds for s in args.subjects]
 
     def choose(m: str, fout) -> None:
@@ -526,7 +654,7 @@ def summarise(rows: list[dict]) -> tuple[dict, dict, dict]:
     stats = {}
     for m, rs in per_method.items():
         st = {"n": len(rs), "params": rs[0]["params"], "file_bytes": rs[0]["file_bytes"], "lr": rs[0]["lr"],
-              "family": METHODS.get(m, {}).get("family", rs[0].get("family", m)),
+              "ti_lr": rs[0].get("ti_lr"), "family": METHODS.get(m, {}).get("family", rs[0].get("family", m)),
               "subjects": len({r["subject"] for r in rs}), "seeds": len({r["seed"] for r in rs})}
         # per subject, mean over seeds: which subjects a method learns, hidden by the mean over subjects
         st["per_subject"] = {s: tuple(float(np.mean([r[k] for r in rs if r["subject"] == s]))
@@ -599,7 +727,8 @@ def report(args) -> None:
         st = stats[m]
         ratio = f"{stats['lora_r4']['params'] / st['params']:,.1f}x" if "lora_r4" in stats else "-"
         name = f"`{m}`" + (f" (partial: {st['subjects']} of {n_subjects} subjects; not plotted)" if m in partial else "")
-        lines.append(f"| {name} | {st['family']} | {st['params']:,} | {ratio} | {st['file_bytes']:,} | {st['lr']:g} | "
+        lr = f"{st['lr']:g}" + (f" (TI {st['ti_lr']:g})" if st["ti_lr"] else "")  # pivotal tuning: both rates
+        lines.append(f"| {name} | {st['family']} | {st['params']:,} | {ratio} | {st['file_bytes']:,} | {lr} | "
                      f"{st['subjects']} x {st['seeds']} | " + " | ".join(cell(st, k) for k, _ in SCORES) + " |")
     if base:
         b = list(base.values())
@@ -712,6 +841,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--methods", default="all", help="comma-separated names of METHODS, or all")
     r.add_argument("--lr_grid", type=lambda v: [float(x) for x in v.split(",")], default=LR_GRID,
                    help="comma-separated learning rates every method tries first (default %(default)s)")
+    r.add_argument("--ti_lr", type=float, default=TI_LR,
+                   help="learning rate of the 'sks' embedding in pivotal tuning (methods *_ti; the method ti itself "
+                        "uses --lr_grid)")
     r.add_argument("--lr_extend", type=int, default=2, help="extend the grid at most this many times per method")
     r.add_argument("--max_minutes", type=float, default=1e9, help="stop queueing new runs after this")
     r.add_argument("--grace_s", type=float, default=60, help="then wait this long for the runs in flight")

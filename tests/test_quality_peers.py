@@ -1,0 +1,168 @@
+"""The quality benchmark's peers of SuperLoRA: peft's shared-vector tuners (VeRA, VB-LoRA, UniLoRA, TinyLoRA),
+textual inversion alone and pivotal tuning (an adapter + the "sks" embedding), on the embedded toy base model.
+
+Trainable counts are checked against each tuner's definition, evaluated here on the toy's layer shapes rather than
+read from peft, so a changed config or a shared vector counted twice shows up.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("quality_peers", ROOT / "benchmarks" / "quality.py")
+Q = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(Q)  # METHODS for parametrize; the models load in the fixture
+SHARED_METHODS = [m for m, s in Q.METHODS.items() if s["kind"] in Q.PEFT_SHARED]
+
+
+@pytest.fixture(scope="module")
+def quality(tmp_path_factory):
+    Q.init_worker("cpu", str(tmp_path_factory.mktemp("quality")), 1)  # the toy base model, once
+    return Q
+
+
+def target_shapes(quality) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every Linear the attention + text targets name, found by suffix on the unadapted models."""
+    shapes = []
+    for model, suffixes in ((quality.W["unet"], quality.UNET_TARGETS), (quality.W["te"], quality.CLIP_TARGETS)):
+        shapes += [(m.in_features, m.out_features) for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and any(name.endswith(s) for s in suffixes)]
+    return shapes
+
+
+def expected_params(kind: str, cfg: dict, shapes: list[tuple[int, int]]) -> int:
+    """Each tuner's trainable count by its definition (shared state once)."""
+    n = len(shapes)
+    if kind == "vera":  # per layer: lambda_b (d_out) and lambda_d (r); the random A, B are frozen buffers
+        return sum(o for _, o in shapes) + n * cfg["r"]
+    if kind == "vblora":  # one bank of num_vectors x L, per layer top-k logits over the bank per L-slice
+        nv, length, r = cfg["num_vectors"], cfg["vector_length"], cfg["r"]
+        return nv * length + sum(r * nv * (i + o) // length for i, o in shapes)
+    if kind == "unilora":  # one vector; indices and scales are frozen
+        return cfg["theta_d_length"]
+    return cfg["u"] * max(1, round(n * (1 - cfg["weight_tying"])))  # tinylora: one v of u per group of layers
+
+
+def budget(method: str) -> float:
+    """The budget a name claims: vera_15k -> 15,000, unilora_1k5 -> 1,500."""
+    whole, _, tenths = method.rsplit("_", 1)[1].partition("k")
+    return 1000 * float(whole) + 100 * float(tenths or 0)
+
+
+def fresh(quality):
+    return copy.deepcopy(quality.W["unet"]), copy.deepcopy(quality.W["te"])
+
+
+def loss_of(quality, unet, te, prompt: str = "a photo of sks star") -> torch.Tensor:
+    """A denoising-shaped loss through CLIP and the UNet (fixed inputs), so both models' adapters get gradients."""
+    g = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    x = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    pred = unet(x, torch.tensor([500]), quality.encode(te, [prompt])).sample
+    return (pred - torch.randn(pred.shape, generator=g)).pow(2).mean()
+
+
+def step(quality, unet, te, params: list[torch.Tensor], lr: float = 1e-2) -> None:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    loss_of(quality, unet, te).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("method", SHARED_METHODS)
+def test_shared_tuner_counts_and_trains(quality, method):
+    spec = quality.METHODS[method]
+    shapes = target_shapes(quality)
+    assert len(shapes) == 92
+    unet, te = fresh(quality)
+    params, ti, file_bytes, train_text = quality.add_adapter(method, unet, te, 0, "attention", True)
+    assert ti == [] and train_text
+    assert len({id(p) for p in params}) == len(params) and all(p.requires_grad for p in params)
+    n = sum(p.numel() for p in params)
+    assert n == expected_params(spec["kind"], spec["config"], shapes)
+    assert abs(n - budget(method)) <= 0.12 * budget(method)
+    assert file_bytes() > 4 * n  # safetensors of at least the trained tensors (fp32)
+    # one step, then every trainable tensor gets a gradient (VeRA's lambda_d only once lambda_b left zero)
+    step(quality, unet, te, params)
+    loss = loss_of(quality, unet, te)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+@pytest.mark.parametrize("method", ["vera_15k", "vblora_1k5", "unilora_40k", "tinylora_5k"])
+def test_shared_tuners_refuse_conv_targets(quality, method):
+    unet, te = fresh(quality)
+    with pytest.raises(ValueError, match=f"^{method} supports Linear layers only; run it with --targets attention$"):
+        quality.add_adapter(method, unet, te, 0, "conv", True)
+
+
+def test_run_refuses_named_linear_only_methods_on_conv(quality, tmp_path):
+    with pytest.raises(SystemExit, match="vera_15k supports Linear layers only"):
+        quality.main(["run", "--out", str(tmp_path / "q.jsonl"), "--work_dir", str(tmp_path), "--device", "cpu",
+                      "--targets", "conv", "--methods", "ti,vera_15k"])
+    assert not (tmp_path / "q.jsonl").exists()  # refused before any work
+
+
+def test_textual_inversion_changes_only_sks_prompts(quality):
+    unet, te = fresh(quality)
+    params, ti, file_bytes, train_text = quality.add_adapter("ti", unet, te, 0, "attention", False)
+    assert [p.numel() for p in params] == [128] and ti == [] and train_text  # CLIP must run every step
+    assert 512 < file_bytes() < 1024  # one fp32 tensor of 128 + the safetensors header
+    prompts = ["a photo of sks star", "a photo of a star"]
+    with torch.no_grad():
+        before = quality.encode(te, prompts)
+    assert torch.equal(before, quality.encode(quality.W["te"], prompts).detach())  # zero start: the base model
+    step(quality, unet, te, params)
+    with torch.no_grad():
+        after = quality.encode(te, prompts)
+    assert not torch.allclose(after[0], before[0])
+    assert torch.equal(after[1], before[1])
+    assert torch.equal(te.get_input_embeddings().weight, quality.W["te"].get_input_embeddings().weight)
+
+
+def test_pivotal_tuning_adds_the_embedding_and_keeps_the_adapter(quality):
+    unet, te = fresh(quality)
+    lora, ti_none, _, lora_text = quality.add_adapter("lora_r1", unet, te, 0, "attention", False)
+    rng = torch.get_rng_state()
+    unet2, te2 = fresh(quality)
+    params, ti, file_bytes, train_text = quality.add_adapter("lora_r1_ti", unet2, te2, 0, "attention", False)
+    assert torch.equal(rng, torch.get_rng_state())  # the embedding draws nothing
+    assert sum(p.numel() for p in params) == 16_832 - 12 * 256  # LoRA r1 on the UNet's 80 layers (no --text)
+    assert [p.numel() for p in ti] == [128] and ti_none == []
+    assert train_text and not lora_text  # the embedding needs CLIP every step
+    assert len(lora) == len(params) and all(torch.equal(a, b) for a, b in zip(lora, params))  # the same draws
+    assert file_bytes() > 4 * (sum(p.numel() for p in params) + 128)
+
+
+def test_job_key_has_ti_lr_only_for_pivotal_tuning(quality):
+    job = dict(method="lora_r1", subject="striped_star", seed=0, lr=3e-3, phase="final", targets="attention",
+               text=True, steps=400, prior_weight=1.0)
+    assert quality.job_key(job) == ("lora_r1", "striped_star", 0, 3e-3, "final", "attention", True, 400, 1.0)
+    pivotal = dict(job, method="lora_r1_ti", ti_lr=5e-3)
+    assert quality.job_key(pivotal)[-1] == 5e-3
+    assert quality.job_key(pivotal) != quality.job_key(dict(pivotal, ti_lr=1e-3))
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_peer_rows(tmp_path):
+    out = tmp_path / "q.jsonl"
+    cmd = [sys.executable, "benchmarks/quality.py", "run", "--out", str(out), "--work_dir", str(tmp_path),
+           "--device", "cpu", "--workers", "1", "--steps", "3", "--n_eval", "1", "--eval_steps", "1",
+           "--subjects", "striped_star", "--seeds", "1", "--lr_grid", "3e-3", "--train_text_encoder",
+           "--prior_weight", "1", "--ti_lr", "1e-2", "--methods", "ti,vera_15k,lora_r1_ti"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines()) if r["phase"] == "final"}
+    assert {m: (r["params"], r["family"]) for m, r in rows.items()} == {
+        "ti": (128, "textual inversion"), "vera_15k": (15_020, "peft VeRA"), "lora_r1_ti": (16_960, "peft LoRA + TI")}
+    assert all(r["file_bytes"] > 4 * r["params"] and "subject_fidelity" in r and r["finite"] for r in rows.values())
+    assert rows["lora_r1_ti"]["ti_lr"] == 1e-2 and "ti_lr" not in rows["ti"] and "ti_lr" not in rows["vera_15k"]
