@@ -454,6 +454,35 @@ def run_job(job: dict) -> dict:
     out.update(params=sum(p.numel() for p in trainable), file_bytes=file_bytes(), final_loss=losses[-1],
                loss_curve=losses, finite=finite, train_seconds=round(train_s, 2),
                seconds=round(time.time() - t0, 2), family=METHODS[method]["family"])
+    if job.get("save_deltas"):  # the trained ΔW, dense, for benchmarks/expressivity.py
+        import safetensors.torch
+
+        path = Path(job["save_deltas"]) / f"{method}-{subject}-s{seed}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(trained_deltas(unet, te), str(path))
+        out["deltas_file"] = str(path)
+    return out
+
+
+@torch.no_grad()
+def trained_deltas(unet, te) -> dict[str, torch.Tensor]:
+    """Every adapted weight's ΔW as a (d_out, d_in·k·k) matrix, named as SuperLoRA names its targets
+    ("unet.<path>", "text_encoder.<path>"): peft LoRA / LoKr layers, or the one injected SuperLoRA."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from superlora_diffusers.model import get_superlora_model
+
+    components = {"unet": unet, "text_encoder": te}
+    model = get_superlora_model(components)
+    if model is not None:
+        adapter = model.adapters["default"]
+        return {n: d.detach().float().cpu().contiguous() for n, d in zip(adapter.targets, adapter.module())}
+    out = {}
+    for component, module in components.items():
+        for path, layer in module.named_modules():
+            if isinstance(layer, BaseTunerLayer) and hasattr(layer, "get_delta_weight"):
+                delta = layer.get_delta_weight("default")
+                out[f"{component}.{path}"] = delta.reshape(delta.shape[0], -1).float().cpu().contiguous()
     return out
 
 
@@ -519,6 +548,8 @@ def run(args) -> None:
           flush=True)
     common = dict(steps=args.steps, n_eval=args.n_eval, eval_steps=args.eval_steps, prior_weight=args.prior_weight,
                   targets=args.targets, text=args.train_text_encoder)
+    if args.save_deltas:
+        common["save_deltas"] = args.save_deltas
     seeds = SEEDS[:args.seeds]
     prio = {m: i for i, m in enumerate(methods)}
     tried: dict[str, list[float]] = {m: list(args.lr_grid) for m in methods}
@@ -844,6 +875,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--ti_lr", type=float, default=TI_LR,
                    help="learning rate of the 'sks' embedding in pivotal tuning (methods *_ti; the method ti itself "
                         "uses --lr_grid)")
+    r.add_argument("--save_deltas", default=None,
+                   help="also save each trained adapter's dense ΔW here (<method>-<subject>-s<seed>.safetensors), "
+                        "for benchmarks/expressivity.py")
     r.add_argument("--lr_extend", type=int, default=2, help="extend the grid at most this many times per method")
     r.add_argument("--max_minutes", type=float, default=1e9, help="stop queueing new runs after this")
     r.add_argument("--grace_s", type=float, default=60, help="then wait this long for the runs in flight")

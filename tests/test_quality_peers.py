@@ -166,3 +166,22 @@ def test_tiny_run_writes_peer_rows(tmp_path):
         "ti": (128, "textual inversion"), "vera_15k": (15_020, "peft VeRA"), "lora_r1_ti": (16_960, "peft LoRA + TI")}
     assert all(r["file_bytes"] > 4 * r["params"] and "subject_fidelity" in r and r["finite"] for r in rows.values())
     assert rows["lora_r1_ti"]["ti_lr"] == 1e-2 and "ti_lr" not in rows["ti"] and "ti_lr" not in rows["vera_15k"]
+
+
+@pytest.mark.parametrize("method", ["lora_r1", "ax_r1"])
+def test_trained_deltas_are_every_adapted_weight_named_as_superlora_targets(quality, method):
+    """--save_deltas: the dense ΔW that expressivity.py fits, for peft LoRA and for a SuperLoRA alike."""
+    from superlora_diffusers import find_targets
+
+    unet, te = copy.deepcopy(quality.W["unet"]), copy.deepcopy(quality.W["te"])
+    params, _, _, _ = quality.add_adapter(method, unet, te, 0, "conv", True)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    deltas = quality.trained_deltas(unet, te)
+    clean = {"unet": quality.W["unet"], "text_encoder": quality.W["te"]}
+    names = [t.name for t in find_targets(clean, "unet+conv+text")]
+    assert sorted(deltas) == sorted(names) and len(names) == 114
+    shapes = {t.name: t.shape for t in find_targets(clean, "unet+conv+text")}
+    assert all(tuple(d.shape) == shapes[n] for n, d in deltas.items())
+    assert all(d.abs().sum() > 0 for d in deltas.values())
