@@ -67,6 +67,7 @@ TRAIN_CONFIGS: dict[str, dict | None] = {
     "SuperLoRA lorta G=4 fold 3 r=4 + Fastfood ρ=0.1": dict(factorization="tucker", groups=4, fold=3, rank=4,
                                                              projection="fastfood", projection_ratio=0.1),
     "SuperLoRA lonkr K=3 G=1 r=4": dict(factorization="kronecker", groups=1, kron_splits=3, rank=4),
+    "SuperLoRA Tucker axes r=8": dict(factorization="tucker", groups="shape", fold=3, rank=8),
 }
 BASELINE = "peft LoRA r=4"
 INFERENCE_PRESET = "SuperLoRA lorta G=4 fold 3 r=4"  # the trainer's default preset
@@ -642,6 +643,8 @@ def main() -> None:
                         "warm-up, per-process memory or ΔW-generation timing")
     parser.add_argument("--models", default="toy,sd15", help="comma list of toy, sd15")
     parser.add_argument("--sections", default="train,infer,files", help="comma list of train, infer, files")
+    parser.add_argument("--configs", default=None,
+                        help="comma list of TRAIN_CONFIGS names to train (default: all; peft LoRA r=4 always runs)")
     parser.add_argument("--attention", default="auto",
                         help="sdpa, xformers, or auto (sdpa; on CUDA also xformers when it imports)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 4, quick 1)")
@@ -686,6 +689,14 @@ def main() -> None:
     if gpu and not args.no_tf32:  # as diffusers' scripts with --allow_tf32: the fp32 factor math on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.configs:
+        keep = {BASELINE, *(c.strip() for c in args.configs.split(","))}
+        if unknown := keep - set(TRAIN_CONFIGS):
+            parser.error(f"unknown --configs {sorted(unknown)}; choose from {sorted(TRAIN_CONFIGS)}")
+        if "infer" in args.sections and INFERENCE_PRESET not in keep:
+            parser.error(f"--sections infer loads {INFERENCE_PRESET!r}; add it to --configs or use --sections train")
+        for name in set(TRAIN_CONFIGS) - keep:
+            del TRAIN_CONFIGS[name]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     if args.attention == "auto":
