@@ -45,6 +45,9 @@ class SuperLoRAConfig:
         kron_decompose_both: also factor the first (small) Kronecker factor at rank r.
         target_modules: which layers to adapt, read by the diffusers integration (a preset name or a
             list of module-name regexes).
+        token: pivotal tuning (diffusers' `--train_text_encoder_ti`): the identifier word (e.g. "sks") whose
+            input embedding trains beside the factors, as an offset on each of its `token_ids` (the first text
+            encoder's tokenizer ids, checked on load) of width `token_dim`. None: no embedding trains.
     """
 
     factorization: Factorization = "lora"
@@ -62,11 +65,15 @@ class SuperLoRAConfig:
     kron_factor: int = -1
     kron_decompose_both: bool = False
     target_modules: str | list[str] = "unet"
+    token: str | None = None
+    token_ids: tuple[int, ...] = ()
+    token_dim: int = 0
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
         if self.fold_shape is not None:
             self.fold_shape = tuple(int(n) for n in self.fold_shape)
+        self.token_ids = tuple(int(i) for i in self.token_ids)
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         self.validate()
@@ -122,6 +129,11 @@ class SuperLoRAConfig:
             raise ValueError(f"kron_factor={self.kron_factor} must be a positive size or -1 (balanced).")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list; name at least one module pattern or a preset.")
+        if (self.token is not None) != bool(self.token_ids) or (self.token is not None) != (self.token_dim > 0):
+            raise ValueError(
+                f"token={self.token!r} needs its token_ids and token_dim (got {list(self.token_ids)}, {self.token_dim}); "
+                "set all three (the trainer's --train_text_encoder_ti does) or none."
+            )
 
     def _validate_shape_groups(self) -> None:
         """groups="shape" keeps each weight's own axes: nothing may fold, shuffle or project them."""
@@ -138,6 +150,10 @@ class SuperLoRAConfig:
         d = asdict(self)
         if d["fold_shape"] is not None:
             d["fold_shape"] = list(d["fold_shape"])
+        if self.token is None:  # files without pivotal tuning stay readable by releases that predate it
+            del d["token"], d["token_ids"], d["token_dim"]
+        else:
+            d["token_ids"] = list(d["token_ids"])
         return d
 
     @classmethod

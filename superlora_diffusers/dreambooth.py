@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train_text_encoder", action="store_true",
                    help="the shared SuperLoRA also spans the text encoder's attention ('unet+conv' becomes "
                         "'unet+conv+text'), and the text encoder runs every step")
+    t.add_argument("--train_text_encoder_ti", action="store_true",
+                   help="pivotal tuning: also train the input embedding of --token_abstraction (an offset per token id, "
+                        "saved in the adapter file); the text encoder runs every step")
+    t.add_argument("--token_abstraction", default="sks",
+                   help="with --train_text_encoder_ti: the identifier word of --instance_prompt whose embedding trains")
+    t.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="with --train_text_encoder_ti: the embedding's learning rate (default: --learning_rate)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--train_batch_size", type=int, default=4)
     o.add_argument("--num_train_epochs", type=int, default=1)
@@ -148,6 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise TrainingError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise TrainingError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
+    if args.train_text_encoder_ti and args.token_abstraction not in args.instance_prompt.split():
+        raise TrainingError(f"--token_abstraction {args.token_abstraction!r} is not a word of --instance_prompt "
+                            f"{args.instance_prompt!r}; name the identifier word the prompt uses.")
     if not 0 <= args.ema_decay < 1:
         raise TrainingError(f"--ema_decay must be in [0, 1), got {args.ema_decay}; 0.99 averages about 100 steps.")
     return args

@@ -26,6 +26,7 @@ from .serialization import (
 )
 from .superlora import lora_parameter_count
 from .targets import COMPONENTS, Target, layer_shape, unwrap
+from .tokens import token_ids_for
 
 
 class SuperLoRALoaderMixin:
@@ -63,6 +64,22 @@ class SuperLoRALoaderMixin:
             targets.append(Target(name, layer))
         return targets
 
+    def _check_token(self, parsed: SuperLoRAFile, source: str) -> None:
+        """Pivotal tuning: the adapter's word must tokenize to the same ids, of the same width, in this pipeline."""
+        config = parsed.config
+        if config.token is None:
+            return
+        tokenizer, encoder = getattr(self, "tokenizer", None), getattr(self, "text_encoder", None)
+        if tokenizer is None or encoder is None:
+            raise SuperLoRAFileError(f"{source} trains the embedding of {config.token!r}, but this pipeline has no "
+                                     "tokenizer and text_encoder.")
+        ids, dim = token_ids_for(tokenizer, config.token), encoder.get_input_embeddings().embedding_dim
+        if tuple(ids) != config.token_ids or dim != config.token_dim:
+            raise SuperLoRAFileError(
+                f"{source} was trained for another base model: its word {config.token!r} is token ids "
+                f"{list(config.token_ids)} of width {config.token_dim} there, {ids} of width {dim} here."
+            )
+
     @staticmethod
     def superlora_state_dict(path: str | os.PathLike, weight_name: str | None = None
                              ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -88,6 +105,7 @@ class SuperLoRALoaderMixin:
             source = repr(str(path))
         parsed = parse_superlora(state_dict, metadata, source)
         targets = self._resolve_targets(parsed, source)
+        self._check_token(parsed, source)
         components = self._superlora_components()
         existing = get_superlora_model(components)
         if adapter_name is None:

@@ -95,6 +95,8 @@ class SuperLoRAModel:
         self.generations = 0  # how many times a whole ΔW was generated (tests count it)
         self._deltas: dict[str, list[torch.Tensor]] = {}
         self._cache_key: tuple | None = None
+        self._token_hook = None  # pivotal tuning: adds the adapters' token offsets to the input embeddings
+        self.token_rows: dict[int, torch.Tensor] = {}  # embedding rows before a fuse (exact unfuse)
         self._hooks = [
             module.register_forward_pre_hook(self._pre_forward(name), with_kwargs=True)
             for name, module in self.components.items()
@@ -120,6 +122,8 @@ class SuperLoRAModel:
             metadata["target_kernels"] = json.dumps(kernels)
         self.adapters[name] = Adapter(module, [t.name for t in targets], metadata)
         self.weights[name] = weight
+        if getattr(module, "tokens", None) is not None and self._token_hook is None:
+            self._token_hook = self._embeddings().register_forward_hook(self._add_token_offsets)
         self._invalidate()
 
     def delete_adapter(self, name: str) -> None:
@@ -134,6 +138,9 @@ class SuperLoRAModel:
             if not layer.slots:
                 layer.remove()
                 del self.layers[layer_name]
+        if self._token_hook is not None and not any(hasattr(a.module, "tokens") for a in self.adapters.values()):
+            self._token_hook.remove()
+            self._token_hook = None
         self._invalidate()
 
     def set_adapters(self, names: list[str], weights: list[float]) -> None:
@@ -150,8 +157,9 @@ class SuperLoRAModel:
             self.unfuse()
         for layer in self.layers.values():
             layer.remove()
-        for hook in self._hooks:
+        for hook in self._hooks + ([self._token_hook] if self._token_hook is not None else []):
             hook.remove()
+        self._token_hook = None
         self.layers.clear()
         self.adapters.clear()
         self._deltas.clear()
@@ -168,6 +176,24 @@ class SuperLoRAModel:
             return module.get_submodule(parent_path)
         except AttributeError:
             return None
+
+    # ---- pivotal tuning: token offsets on the first text encoder's input embeddings -------------------
+    def _embeddings(self) -> nn.Embedding:
+        encoder = self.components.get("text_encoder")
+        if encoder is None:
+            raise ValueError("this SuperLoRA trains a token embedding, but the pipeline has no text_encoder.")
+        return encoder.get_input_embeddings()
+
+    def _add_token_offsets(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Forward hook: Σ_adapters weight · call scale · offset where the input ids are an adapter's token."""
+        if not self.enabled or self.originals is not None:  # fused: the offsets are in the embedding table
+            return out
+        scale = self.scales.get("text_encoder", 1.0)
+        for name, weight in self.weights.items():
+            tokens = getattr(self.adapters[name].module, "tokens", None)
+            if tokens is not None and weight * scale != 0.0:
+                out = tokens(args[0], out, weight * scale)
+        return out
 
     # ---- the once-per-forward ΔW --------------------------------------------------------------------
     def _pre_forward(self, component: str):
@@ -292,7 +318,19 @@ class SuperLoRAModel:
             weight = self.layers[name].layer.weight
             originals[name] = weight.detach().to("cpu", copy=True)
             weight.add_(delta.view(weight.shape).to(weight.dtype))
+        self._fuse_tokens(scale)
         self.originals = originals
+
+    def _fuse_tokens(self, scale: float) -> None:
+        """Add scale · weight · offset into the token rows of the embedding table, keeping those rows."""
+        for name, weight in self.weights.items():
+            tokens = getattr(self.adapters[name].module, "tokens", None)
+            if tokens is None or weight * scale == 0.0:
+                continue
+            table = self._embeddings().weight
+            for row, token_id in zip(tokens.delta, tokens.ids.tolist()):
+                self.token_rows.setdefault(token_id, table[token_id].detach().to("cpu", copy=True))
+                table[token_id] += (weight * scale * row).to(table)
 
     @torch.no_grad()
     def unfuse(self) -> None:
@@ -301,6 +339,10 @@ class SuperLoRAModel:
         for name, original in self.originals.items():
             weight = self.layers[name].layer.weight
             weight.copy_(original.to(weight.device))
+        for token_id, row in self.token_rows.items():
+            table = self._embeddings().weight
+            table[token_id] = row.to(table.device)
+        self.token_rows = {}
         self.originals = None
         self._invalidate()
 

@@ -25,6 +25,7 @@ from .config import SuperLoRAConfig
 from .factorization import ChunkFactors, chunk_numel, factor_shapes
 from .layout import Block, Layout, Shape, Unshuffle, row_positions, row_segments, shuffle_index, unshuffle_indices
 from .projection import Fastfood, build_projection
+from .tokens import TokenOffsets
 
 
 class SuperLoRA(nn.Module):
@@ -36,7 +37,13 @@ class SuperLoRA(nn.Module):
         self.layout = Layout.build(config, shapes)
         if config.groups == "shape":  # each shape's weights factored along their own axes: no super-vector pass
             self.axes = AxisTucker(config, self.layout.shapes)
-            return
+        else:
+            self._build_super_vector(config)
+        if config.token is not None:  # pivotal tuning: the identifier's embedding offsets, applied by model.py
+            self.tokens = TokenOffsets(config)
+
+    def _build_super_vector(self, config: SuperLoRAConfig) -> None:
+        """Operations 1-5: the factors of every block, their projections, and how the rows map to weights."""
         self.blocks = nn.ModuleList(ChunkFactors(config, block) for block in self.layout.blocks)
         self.projections = nn.ModuleList(
             build_projection(config.projection, block.projected, block.size, config.projection_seed + i)
@@ -141,12 +148,14 @@ def _narrow(t: torch.Tensor, size: int) -> torch.Tensor:
 def parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape]) -> dict[str, tuple[int, ...]]:
     """`SuperLoRA(config, shapes).state_dict()` names -> shapes, computed without allocating anything."""
     if config.groups == "shape":
-        return axis_parameter_shapes(config, shapes)
-    layout = Layout.build(config, shapes)
-    return {
-        f"blocks.{i}.{name}": shape
-        for i, block in enumerate(layout.blocks) for name, shape in factor_shapes(config, block).items()
-    }
+        out = axis_parameter_shapes(config, shapes)
+    else:
+        layout = Layout.build(config, shapes)
+        out = {f"blocks.{i}.{name}": shape
+               for i, block in enumerate(layout.blocks) for name, shape in factor_shapes(config, block).items()}
+    if config.token is not None:
+        out["tokens.delta"] = (len(config.token_ids), config.token_dim)
+    return out
 
 
 def count_parameters(config: SuperLoRAConfig, shapes: list[Shape]) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from .dreambooth import (
     superlora_config_from_args,
 )
 from .superlora import lora_parameter_count, versus_lora1
+from .tokens import token_ids_for
 
 logger = logging.getLogger("superlora.dreambooth")
 STATE_FILE = "superlora_training_state.json"
@@ -210,6 +212,10 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
     # --- the one shared SuperLoRA ---
     components = {"unet": unet, "text_encoder": text_encoder}
     config, how = superlora_config_from_args(args, lambda targets: target_shapes(components, targets))
+    if args.train_text_encoder_ti:  # pivotal tuning: the identifier's embedding offsets live in the same module
+        config = dataclasses.replace(config, token=args.token_abstraction,
+                                     token_ids=tuple(token_ids_for(tokenizer, args.token_abstraction)),
+                                     token_dim=text_encoder.get_input_embeddings().embedding_dim)
     superlora = inject_superlora(components, config)
     superlora_model = get_superlora_model(components)
     adapter = superlora_model.adapters["default"]
@@ -236,8 +242,9 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
 
     # Text states that never change, encoded once by the base text encoder: every prompt when it stays frozen,
     # and the class prompts when the base model's prediction is the prior target.
-    fixed = set() if args.train_text_encoder else set(instance.prompts)
-    if classes is not None and (not args.train_text_encoder or args.prior_loss_target == "base_model"):
+    encode_every_step = args.train_text_encoder or args.train_text_encoder_ti
+    fixed = set() if encode_every_step else set(instance.prompts)
+    if classes is not None and (not encode_every_step or args.prior_loss_target == "base_model"):
         fixed |= set(classes.prompts)
     fixed_embeds: dict[str, torch.Tensor] = {}
     with torch.no_grad(), superlora_model.disable_adapter():
@@ -246,8 +253,14 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
 
     params = [p for p in superlora.parameters() if p.requires_grad]
     lr = args.learning_rate
+    ti_lr = args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        ti_lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    token_params = list(superlora.tokens.parameters()) if config.token is not None else []
+    groups = [{"params": [p for p in params if all(p is not t for t in token_params)], "lr": lr}]
+    if token_params:  # the embedding offsets at their own rate (diffusers' --text_encoder_lr)
+        groups.append({"params": token_params, "lr": ti_lr})
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -256,7 +269,7 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
-    optimizer = optimizer_cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+    optimizer = optimizer_cls(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
     items = list(range(len(instance.prompts))) * args.repeats
@@ -347,7 +360,7 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
 
             with accelerator.accumulate(unet):
-                if args.train_text_encoder:
+                if encode_every_step:
                     hidden = encode_prompts(tokenizer, text_encoder, prompts)
                 else:
                     hidden = torch.stack([fixed_embeds[p] for p in prompts]).to(device)
