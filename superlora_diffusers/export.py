@@ -209,6 +209,12 @@ def export_state_dict(source, to: str = "lora", rank: int | None = None, energy:
 
     if to not in FORMATS:
         raise ExportError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}.")
+    token = load_adapter(source).config.token
+    if token is not None:  # a LoRA/kohya/diff file has no place for it: refuse rather than drop it silently
+        raise ExportError(
+            f"this adapter also trains the embedding of {token!r} (pivotal tuning), which {to} files cannot hold; "
+            "load the adapter itself with load_superlora_weights, or bake both into a model with `superlora merge`."
+        )
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")

@@ -98,3 +98,14 @@ def test_trainer_train_text_encoder_ti_trains_and_saves_the_offsets(tmp_path):
                 "--token_abstraction", "zwx")
     assert bad.returncode != 0 and "--token_abstraction 'zwx' is not a word of --instance_prompt" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_export_to_lora_refuses_instead_of_dropping_the_embedding(tmp_path):
+    from superlora_diffusers.export import ExportError, export_state_dict
+
+    pipe = tiny_pipeline()
+    add_random_adapter(pipe, token_config(pipe), std=0.1)
+    pipe.save_superlora_weights(tmp_path / "a")
+    for to in ("lora", "kohya", "diff"):
+        with pytest.raises(ExportError, match="trains the embedding of 'sks'.*superlora merge"):
+            export_state_dict(tmp_path / "a", to=to)
