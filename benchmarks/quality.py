@@ -277,6 +277,11 @@ def add_adapter(method: str, unet, te, seed: int, targets: str = "attention", te
     params, file_bytes, train_text = build(spec, unet, te, targets, text)
     if not spec.get("ti"):
         return params, [], file_bytes, train_text
+    if spec["kind"] == "superlora":  # the shipped pivotal tuning: the offsets are the module's `tokens.delta`
+        from superlora_diffusers.model import get_superlora_model
+
+        delta = get_superlora_model({"unet": unet, "text_encoder": te}).adapters["default"].module.tokens.delta
+        return [p for p in params if p is not delta], [delta], file_bytes, True
     delta, ti_bytes = add_token_delta(te)  # after the adapter and zero: the adapter's random draws are unchanged
     return params, [delta], lambda: file_bytes() + ti_bytes(), True
 
@@ -364,6 +369,9 @@ def _add_superlora(spec: dict, unet, te, targets: str, text: bool) -> Built:
         kwargs["target_modules"] = "unet+conv"
     if text and "text" not in kwargs.get("target_modules", "unet"):
         kwargs["target_modules"] = kwargs.get("target_modules", "unet") + "+text"
+    if spec.get("ti"):  # pivotal tuning as the trainer's --train_text_encoder_ti does it
+        kwargs.update(token=TI_TOKEN, token_ids=W["tokenizer"](TI_TOKEN, add_special_tokens=False).input_ids,
+                      token_dim=te.get_input_embeddings().embedding_dim)
     config = SuperLoRAConfig(**kwargs)  # built once, validated with its final targets
     components = {"unet": unet, "text_encoder": te}
     module = inject_superlora(components, config)

@@ -185,3 +185,20 @@ def test_trained_deltas_are_every_adapted_weight_named_as_superlora_targets(qual
     shapes = {t.name: t.shape for t in find_targets(clean, "unet+conv+text")}
     assert all(tuple(d.shape) == shapes[n] for n, d in deltas.items())
     assert all(d.abs().sum() > 0 for d in deltas.values())
+
+
+def test_superlora_pivotal_tuning_runs_on_the_shipped_token_offsets(quality):
+    """ax_r1_ti: the same factors as ax_r1 (same draws) plus the module's own `tokens.delta` as the TI group."""
+    unet, te = copy.deepcopy(quality.W["unet"]), copy.deepcopy(quality.W["te"])
+    plain, _, _, _ = quality.add_adapter("ax_r1", unet, te, 0, "conv", True)
+    unet, te = copy.deepcopy(quality.W["unet"]), copy.deepcopy(quality.W["te"])
+    params, ti, file_bytes, train_text = quality.add_adapter("ax_r1_ti", unet, te, 0, "conv", True)
+    assert train_text and len(ti) == 1 and ti[0].shape == (1, 128)
+    assert all(torch.equal(a, b) for a, b in zip(plain, params)) and len(plain) == len(params)
+    ids = quality.W["tokenizer"](["a photo of sks star"], padding="max_length", max_length=77,
+                                 return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = te(ids)[0]
+        ti[0].fill_(0.5)
+        assert not torch.allclose(te(ids)[0], before)
+    assert file_bytes() > 0
