@@ -205,6 +205,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "group-lora": dict(factorization="lora", groups=4, fold=2),
     "lonkr": dict(factorization="kronecker", groups=1, kron_splits=3),
     "lorta": dict(factorization="tucker", groups=1, fold=3),
+    # group-wise without reshape (axes.py): rank 1 spans the toy's UNet attention, ResNet convs and CLIP
+    # attention in 12,738 parameters, a twelfth of LoRA r=4 (docs/benchmarks.md, "Tiny adapters")
+    "tucker-axes": dict(factorization="tucker", groups="shape", fold=3, rank=1),
 }
 
 

@@ -189,6 +189,7 @@ def superlora_config_from_args(args: argparse.Namespace, shapes_for) -> tuple[Su
     if overrides.get("projection_ratio", 1.0) < 1.0 and "projection" not in overrides:
         overrides["projection"] = "fastfood"
     preset_defaults = {"rank": 4} if args.superlora_preset != "lorta" else {"rank": 4, "groups": 4}
+    preset_defaults = {k: v for k, v in preset_defaults.items() if k not in PRESETS[args.superlora_preset]}
     try:
         config = config_from_preset(args.superlora_preset, target_modules=targets, **{**preset_defaults, **overrides})
     except ValueError as e:
