@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  subject head {about['subject_head']}")
     for key in before:
         print(f"  {key:26s} {before[key]:.2f} -> {after[key]:.2f}")
-    scores = {**about, "base": before, "adapter": after}
+    info = pipe.get_superlora_info()  # which adapter these figures belong to, in the same file
+    adapter = {"config": info["config"], "num_parameters": info["num_parameters"],
+               "adapted_layers": len(info["targets"]), "lora_rank1_parameters": info["lora_rank1_parameters"],
+               "file_bytes": info["file_bytes"]}
+    scores = {**about, "adapter_info": adapter, "base": before, "adapter": after}
     (Path(args.adapter_dir) / "judge_scores.json").write_text(json.dumps(scores, indent=1))
     print(f"same seeds, base (top) vs adapter (bottom): {Path(args.adapter_dir) / 'compare.png'} (subject), "
           f"{Path(args.adapter_dir) / 'compare_prior.png'} (class prompt)")

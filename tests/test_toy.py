@@ -217,5 +217,8 @@ def test_evaluate_writes_scores_and_the_subject_and_class_prompt_grids(pipe, tmp
     main([str(tmp_path), "--subject", "striped_star", "--n", "2", "--steps", "2"])
     scores = json.loads((tmp_path / "judge_scores.json").read_text())
     assert scores["base"].keys() == scores["adapter"].keys() >= {"subject_acc", "prior_shape_acc"}
+    info = scores["adapter_info"]  # the README's demo figures name their adapter from this file
+    assert info["num_parameters"] == module.num_parameters() and info["adapted_layers"] == len(module.shapes)
+    assert info["config"] == SuperLoRAConfig.lora(rank=2).to_dict()
     for name in ("compare.png", "compare_prior.png"):
         assert Image.open(tmp_path / name).size == (8 * 96, 2 * 96)
