@@ -104,7 +104,7 @@ def gradient_fit(config: SuperLoRAConfig, targets: dict[str, torch.Tensor], step
     return best, n_params
 
 
-def analyse(path: str, layouts: list[str], steps: int) -> dict:
+def analyse(path: str, layouts: list[str], steps: int, lrs: tuple[float, ...] = (3e-2, 1e-2, 3e-3)) -> dict:
     from safetensors.torch import load_file
 
     targets = {k: v.float() for k, v in load_file(path).items()}
@@ -119,7 +119,7 @@ def analyse(path: str, layouts: list[str], steps: int) -> dict:
                                        "residual": residuals(svd_fit(targets, rank), targets)}
     for name in layouts:
         t0 = time.time()
-        fit, n = gradient_fit(SuperLoRAConfig(**LAYOUTS[name]), targets, steps=steps)
+        fit, n = gradient_fit(SuperLoRAConfig(**LAYOUTS[name]), targets, steps=steps, lrs=lrs)
         out["fits"][name] = {"params": n, "residual": residuals(fit, targets), "seconds": round(time.time() - t0, 1)}
         print(f"{out['file']} {name:12s} {n:>7,} params  residual {out['fits'][name]['residual']['all']:.3f}", flush=True)
     return out
@@ -143,12 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("files", nargs="+", help="dense ΔW safetensors, one per trained adapter")
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names of LAYOUTS")
     ap.add_argument("--steps", type=int, default=1500, help="Adam steps per learning rate")
+    ap.add_argument("--lrs", type=lambda v: tuple(float(x) for x in v.split(",")), default=(3e-2, 1e-2, 3e-3),
+                    help="Adam rates, one cosine run each, best fit kept")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="write every fit here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [analyse(f, args.layouts.split(","), args.steps) for f in args.files]
+    results = [analyse(f, args.layouts.split(","), args.steps, args.lrs) for f in args.files]
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
