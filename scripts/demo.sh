@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up (idempotent), then the main job on the embedded default base model, offline:
-# DreamBooth one shared SuperLoRA (the `tucker-axes` preset over the UNet's attention and ResNet convs and CLIP's
-# attention, with the identifier's embedding: 12,866 parameters) on the bundled images of one subject and
-# generate with it (validation grids and a
-# last validation from the reloaded weights, all under $OUT). The judge's scores are a separate command (below).
+# DreamBooth one shared SuperLoRA (the `tucker-axes` preset over the UNet's attention and ResNet convs and
+# CLIP's attention, with the identifier's embedding: 12,866 parameters) on the bundled images of one subject
+# and generate with it (validation grids and a last validation from the reloaded weights, all under $OUT).
+# The judge's scores are a separate command (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
