@@ -83,12 +83,16 @@ def test_delta_is_generated_once_per_pipeline_call_and_per_training_forward(pipe
     assert model.generations == 1
 
 
-def test_lora_preset_trains_on_its_factors_exactly_as_through_dense_delta(pipe):
-    """With autograd, the LoRA preset's layers compute x·Aᵀ·Bᵀ (peft's cost): same outputs and gradients as W + ΔW."""
-    config = SuperLoRAConfig.lora(rank=3, alpha=6, target_modules="unet+conv+text")
+@pytest.mark.parametrize("config", [
+    SuperLoRAConfig.lora(rank=3, alpha=6, target_modules="unet+conv+text"),
+    SuperLoRAConfig(factorization="tucker", fold=3, groups="shape", rank=3, target_modules="unet+conv+text"),
+], ids=["lora", "tucker-axes"])
+def test_factored_layouts_train_on_their_factors_exactly_as_through_dense_delta(pipe, config):
+    """With autograd, the LoRA preset's layers compute x·Aᵀ·Bᵀ (peft's cost), and groups="shape" ones
+    x·U_in·C_lᵀ·U_outᵀ: same outputs and gradients as W + ΔW, convs and CLIP included."""
     module = add_random_adapter(pipe, config)
     model = get_superlora_model(pipe._superlora_components())
-    assert all(slot is not None for slot in module.low_rank_slots)
+    assert all(module.low_rank(i) is not None for i in range(len(module.shapes)))
     unet, text = pipe.unet.double(), pipe.text_encoder.double()
     module.double()
     sample, ids = torch.randn(2, 4, 8, 8, dtype=torch.float64), pipe.tokenizer(["a photo of sks star"]).input_ids
