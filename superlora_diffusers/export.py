@@ -368,6 +368,7 @@ def merge_adapter(adapter, base: str, out_dir: str | Path, scale: float = 1.0, d
     import shutil
     import tempfile
 
+    from .serialization import umask_mode
     from .toy import resolve_base_model
 
     out = Path(out_dir)
@@ -397,6 +398,7 @@ def merge_adapter(adapter, base: str, out_dir: str | Path, scale: float = 1.0, d
             diffusers_logging.set_verbosity(verbosity)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(umask_mode(0o777))  # mkdtemp makes 0700; the merged folder is an ordinary model folder
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "superlora_merge.json").write_text(json.dumps({

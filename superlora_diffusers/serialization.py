@@ -102,10 +102,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode(0o666))  # mkstemp makes 0600; a saved adapter is shared like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` under the process's umask: what `open()`/`mkdir()` would give, unlike tempfile's private 0600/0700."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
 
 
 def read_superlora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -244,3 +244,22 @@ def test_merged_folder_loads_with_plain_diffusers(adapted, tmp_path):
     (out / "marker").write_text("old")
     merge_adapter(adapted["adapter"], str(adapted["base"]), out, dtype="float16", overwrite=True)
     assert not (out / "marker").exists() and json.loads((out / "superlora_merge.json").read_text())["dtype"] == "float16"
+
+
+def test_saved_files_and_merged_folders_follow_the_umask(adapted, tmp_path):
+    """tempfile writes 0600 files and 0700 folders; what we save must get the user's umask, as save_pretrained's do."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        adapted["pipe"].save_superlora_weights(tmp_path / "adapter")
+        exported = tmp_path / "lora.safetensors"
+        export_adapter(adapted["adapter"], exported, to="lora", rank=2)
+        merged = merge_adapter(adapted["adapter"], str(adapted["base"]), tmp_path / "merged")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "adapter" / "superlora_weights.safetensors") == 0o640
+    assert mode(exported) == 0o640
+    assert mode(merged) == 0o750
