@@ -132,20 +132,24 @@ class SuperLoRALoaderMixin:
         extra.update(metadata or {})
         return save_superlora_file(Path(save_directory) / weight_name, adapter.module, adapter.targets, extra, overwrite)
 
-    def set_superlora_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
-        """Activate these adapters (all others off), each with its weight (default 1.0)."""
+    def set_superlora_adapters(self, adapter_names: str | list[str],
+                               adapter_weights: float | dict[str, float] | list[float | dict[str, float]] | None = None
+                               ) -> None:
+        """Activate these adapters (all others off), each with its weight (default 1.0): a float, or a dict per
+        component as in diffusers' `set_adapters`, e.g. {"unet": 0.8, "text_encoder": 1.0} (omitted ones 1.0)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if adapter_weights is None:
             weights = [1.0] * len(names)
-        elif isinstance(adapter_weights, (int, float)):
-            weights = [float(adapter_weights)] * len(names)
+        elif isinstance(adapter_weights, (int, float, dict)):
+            weights = [adapter_weights] * len(names)
         else:
             weights = list(adapter_weights)
         self._superlora_model().set_adapters(names, weights)
 
-    def get_active_superlora_adapters(self) -> dict[str, float]:
+    def get_active_superlora_adapters(self) -> dict[str, float | dict[str, float]]:
+        """Active adapter -> its weight as set: a float, or the per-component dict."""
         model = get_superlora_model(self._superlora_components())
-        return dict(model.weights) if model else {}
+        return {name: dict(w) if isinstance(w, dict) else w for name, w in model.weights.items()} if model else {}
 
     def get_list_superlora_adapters(self) -> list[str]:
         model = get_superlora_model(self._superlora_components())

@@ -87,7 +87,7 @@ class SuperLoRAModel:
     def __init__(self, components: dict[str, nn.Module]) -> None:
         self.components = {k: v for k, v in components.items() if v is not None}
         self.adapters: dict[str, Adapter] = {}
-        self.weights: dict[str, float] = {}  # active adapters -> weight
+        self.weights: dict[str, float | dict[str, float]] = {}  # active adapters -> weight, or weight per component
         self.enabled = True
         self.layers: dict[str, AdaptedLayer] = {}
         self.originals: dict[str, torch.Tensor] | None = None  # base weights while fused (exact unfuse)
@@ -143,13 +143,29 @@ class SuperLoRAModel:
             self._token_hook = None
         self._invalidate()
 
-    def set_adapters(self, names: list[str], weights: list[float]) -> None:
+    def set_adapters(self, names: list[str], weights: list[float | dict[str, float]]) -> None:
+        """Activate `names` (all others off). A weight is a float, or as in diffusers' `set_adapters` a dict per
+        component ({"unet": 0.8, "text_encoder": 1.0}: ComfyUI's strength_model / strength_clip; missing ones 1.0)."""
         for n in names:
             self._require(n)
         if len(names) != len(weights):
             raise ValueError(f"{len(names)} adapter names but {len(weights)} weights; pass one weight per adapter.")
-        self.weights = dict(zip(names, (float(w) for w in weights)))
+        self.weights = dict(zip(names, (self._checked_weight(n, w) for n, w in zip(names, weights))))
         self._invalidate()
+
+    def _checked_weight(self, name: str, weight: float | dict[str, float]) -> float | dict[str, float]:
+        if not isinstance(weight, dict):
+            return float(weight)
+        unknown = sorted(set(weight) - set(self.components))
+        if unknown:
+            raise ValueError(f"adapter {name!r}: unknown component {unknown[0]!r} in its weight dict; "
+                             f"use {', '.join(repr(c) for c in self.components)}.")
+        return {c: float(w) for c, w in weight.items()}
+
+    def weight_for(self, name: str, component: str) -> float:
+        """Adapter `name`'s weight on one component (0 when inactive; 1.0 for a component its dict omits)."""
+        weight = self.weights.get(name, 0.0)
+        return weight.get(component, 1.0) if isinstance(weight, dict) else weight
 
     def remove(self) -> None:
         """Restore the components exactly: unfuse, unpatch every layer, drop the hooks."""
@@ -189,8 +205,8 @@ class SuperLoRAModel:
         if not self.enabled or self.originals is not None:  # fused: the offsets are in the embedding table
             return out
         scale = self.scales.get("text_encoder", 1.0)
-        for name, weight in self.weights.items():
-            tokens = getattr(self.adapters[name].module, "tokens", None)
+        for name in self.weights:
+            tokens, weight = getattr(self.adapters[name].module, "tokens", None), self.weight_for(name, "text_encoder")
             if tokens is not None and weight * scale != 0.0:
                 out = tokens(args[0], out, weight * scale)
         return out
@@ -267,7 +283,7 @@ class SuperLoRAModel:
         scale = self.scales.get(layer.component, 1.0)
         total, factored = None, []
         for name, index in layer.slots.items():
-            weight = self.weights.get(name, 0.0) * scale
+            weight = self.weight_for(name, layer.component) * scale
             if weight == 0.0:
                 continue
             factors = self.adapters[name].module.low_rank(index) if low_rank else None
@@ -323,8 +339,8 @@ class SuperLoRAModel:
 
     def _fuse_tokens(self, scale: float) -> None:
         """Add scale · weight · offset into the token rows of the embedding table, keeping those rows."""
-        for name, weight in self.weights.items():
-            tokens = getattr(self.adapters[name].module, "tokens", None)
+        for name in self.weights:
+            tokens, weight = getattr(self.adapters[name].module, "tokens", None), self.weight_for(name, "text_encoder")
             if tokens is None or weight * scale == 0.0:
                 continue
             table = self._embeddings().weight

@@ -237,6 +237,45 @@ def test_several_named_adapters_mix_with_weights(tmp_path):
         pipe.set_superlora_adapters(["b"])
 
 
+def test_per_component_weights_split_unet_and_text_encoder_strengths():
+    """diffusers' set_adapters convention: a dict per component (ComfyUI's strength_model / strength_clip)."""
+    from test_tokens import encode, token_config
+
+    pipe = tiny_pipeline()
+    sample, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+
+    def unet_out() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe.unet(sample, 10, hidden).sample
+
+    base_text, base_unet, base_image = encode(pipe, "a photo of sks star"), unet_out(), generate(pipe)
+    add_random_adapter(pipe, token_config(pipe), std=0.1, name="a")  # UNet + CLIP ΔW and the word's offsets
+    full_text, full_unet, full_image = encode(pipe, "a photo of sks star"), unet_out(), generate(pipe)
+
+    pipe.set_superlora_adapters("a", {"unet": 0.0, "text_encoder": 1.0})
+    assert pipe.get_active_superlora_adapters() == {"a": {"unet": 0.0, "text_encoder": 1.0}}
+    assert torch.equal(unet_out(), base_unet) and torch.equal(encode(pipe, "a photo of sks star"), full_text)
+    text_only = generate(pipe)
+    assert not torch.allclose(text_only, base_image) and not torch.allclose(text_only, full_image)
+
+    pipe.set_superlora_adapters(["a"], [{"text_encoder": 0.0}])  # the UNet's weight defaults to 1.0
+    assert torch.equal(encode(pipe, "a photo of sks star"), base_text) and torch.equal(unet_out(), full_unet)
+
+    pipe.set_superlora_adapters("a", {"unet": 0.5, "text_encoder": 0.5})  # a dict of equal weights = that float
+    half = generate(pipe)
+    pipe.set_superlora_adapters("a", 0.5)
+    assert torch.equal(generate(pipe), half)
+
+    pipe.set_superlora_adapters("a", {"unet": 0.3, "text_encoder": 0.8})
+    split = generate(pipe)
+    pipe.fuse_superlora()  # fusing bakes each component's own weight (and the text weight into the offsets)
+    torch.testing.assert_close(generate(pipe), split, atol=1e-5, rtol=1e-4)
+    pipe.unfuse_superlora()
+    with pytest.raises(ValueError, match="unknown component 'vae'.*'unet', 'text_encoder'"):
+        pipe.set_superlora_adapters("a", {"unet": 1.0, "vae": 0.5})
+    assert pipe.get_active_superlora_adapters() == {"a": {"unet": 0.3, "text_encoder": 0.8}}  # refused: unchanged
+
+
 # ---- diffusers' historical traps ------------------------------------------------------------------
 def test_attention_processor_swaps_keep_the_adapter(saved_adapter):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
