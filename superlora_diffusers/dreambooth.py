@@ -153,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "checkpointing_steps", "validation_steps"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        fixed = max(8, -(-args.resolution // 8) * 8)  # the next multiple up
+        raise TrainingError(f"--resolution must be a positive multiple of 8 (diffusers' pipelines refuse others at "
+                            f"validation), got {args.resolution}; use {fixed}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise TrainingError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
     if args.train_text_encoder_ti and args.token_abstraction not in args.instance_prompt.split():

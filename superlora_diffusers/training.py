@@ -417,7 +417,7 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
             accelerator.log(logs, step=global_step)
             if on_step is not None:
                 on_step(global_step, max_steps, logs["loss"])
-            if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+            if global_step % args.checkpointing_steps == 0 or global_step == max_steps:  # the last one: to extend
                 last_checkpoint = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                                                   save_checkpoint_weights)
             if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:

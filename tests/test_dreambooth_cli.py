@@ -87,6 +87,8 @@ def test_prior_preservation_needs_class_flags():
         parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--prior_loss_target", "base_model"])
     with pytest.raises(TrainingError, match="--ema_decay must be in"):
         parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--use_ema", "--ema_decay", "1.5"])
+    with pytest.raises(TrainingError, match="multiple of 8 .* got 20; use 24"):  # up front, not after training
+        parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--resolution", "20"])
 
 
 @pytest.mark.parametrize("budget", [40, 300, 1_000, 5_000, 60_000])

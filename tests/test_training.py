@@ -113,6 +113,21 @@ def test_bf16_mixed_precision_keeps_factors_fp32_through_validation(base_dir, tm
     assert len(list((tmp_path / "bf16" / "validation").glob("*.png"))) == 3
 
 
+def test_a_finished_run_can_be_extended_from_its_last_checkpoint(base_dir, tmp_path):
+    """A checkpoint at the last step (as diffusers' scripts write) lets `--resume_from_checkpoint latest` go on."""
+    common = ("--checkpointing_steps", "100", "--train_batch_size", "2")
+    first = train(base_dir, tmp_path / "a", *common, "--max_train_steps", "3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "a" / "checkpoint-3").is_dir()
+    longer = train(base_dir, tmp_path / "a", *common, "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "at step 3" in longer.stderr and (tmp_path / "a" / "checkpoint-5").is_dir()
+    straight = train(base_dir, tmp_path / "b", *common, "--max_train_steps", "5")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, b = factors(tmp_path / "a" / WEIGHTS), factors(tmp_path / "b" / WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(base_dir, tmp_path):
     out = tmp_path / "nan"
     run = train(base_dir, out, "--max_train_steps", "20", "--checkpointing_steps", "1", "--learning_rate", "1e20",
