@@ -12,6 +12,7 @@ choices differ from that script, both for exact, testable resumes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--superlora_preset", choices=sorted(PRESETS), default="lorta",
                    help="special case of the method to start from; the flags below override it")
     t.add_argument("--param_budget", type=int, default=None,
-                   help="pick the configuration with the most trainable parameters <= this budget")
+                   help="the best measured recipe that fits this many trainable parameters (the embedding of "
+                        "--train_text_encoder_ti included); below all of them, the largest configuration that fits")
     t.add_argument("--factorization", choices=["lora", "kronecker", "tucker"], default=None)
     t.add_argument("--rank", type=int, default=None)
     t.add_argument("--alpha", type=float, default=None, help="ΔW is scaled by alpha/rank (default alpha = rank)")
@@ -168,11 +170,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- adapter configuration ---------------------------------------------------------------------
-def superlora_config_from_args(args: argparse.Namespace, shapes_for) -> tuple[SuperLoRAConfig, str]:
+def superlora_config_from_args(args: argparse.Namespace, shapes_for, token_parameters: int = 0
+                               ) -> tuple[SuperLoRAConfig, str]:
     """The config the flags ask for, and a sentence saying how it was chosen.
 
     `shapes_for(target_modules)` returns the (d_out, d_in) list of those targets, so a budget can be
-    met exactly before anything is injected.
+    met exactly before anything is injected; `token_parameters` is the size of the identifier's embedding,
+    which `--param_budget` counts when `--train_text_encoder_ti` trains it.
     """
     targets = args.target_modules or "unet"
     if "," in targets:
@@ -183,8 +187,10 @@ def superlora_config_from_args(args: argparse.Namespace, shapes_for) -> tuple[Su
         except ValueError as e:
             raise TrainingError(str(e)) from None
     if args.param_budget is not None:
-        config = choose_config_for_budget(args.param_budget, shapes_for(targets), target_modules=targets)
-        return config, f"--param_budget {args.param_budget}: chose {describe(config)}"
+        ti = bool(getattr(args, "train_text_encoder_ti", False))
+        config, why = choose_config_for_budget(args.param_budget - (token_parameters if ti else 0),
+                                               shapes_for(targets), target_modules=targets, pivotal=ti)
+        return config, f"--param_budget {args.param_budget}: {why}: {describe(config)}"
     overrides = {k: getattr(args, k) for k in ("factorization", "rank", "alpha", "fold", "shuffle", "projection",
                                                "projection_ratio", "kron_splits", "kron_factor")
                  if getattr(args, k) is not None}
@@ -212,12 +218,27 @@ def describe(config: SuperLoRAConfig) -> str:
     return " ".join(parts)
 
 
-def choose_config_for_budget(budget: int, shapes: list[tuple[int, int]], target_modules="unet") -> SuperLoRAConfig:
-    """The candidate with the most trainable parameters that fits the budget.
+# Recipes measured by benchmarks/quality.py (UNet attention + ResNet convs + CLIP attention, 1,500 steps, prior
+# loss; docs/benchmarks.md, "Tiny adapters"), best first, with and without pivotal tuning: the shared Tucker axes
+# layout learns a subject only beside the identifier's embedding, while per-weight LoRA r=1 does without it.
+MEASURED_RECIPES: dict[bool, list[tuple[str, dict]]] = {
+    True: [("lora", {"rank": 4}), ("tucker-axes", {}), ("lora", {"rank": 1}), ("lorta", {"groups": 12, "rank": 5})],
+    False: [("lora", {"rank": 4}), ("lora", {"rank": 1}), ("tucker-axes", {}), ("lorta", {"groups": 12, "rank": 5})],
+}
 
-    Candidates, in order of preference at equal size: per-weight LoRA, Tucker (fold 3-5, G in 1..12),
-    then Tucker with Fastfood projection (ρ = 0.1, 0.01) for budgets below anything else.
+
+def choose_config_for_budget(budget: int, shapes: list[tuple[int, int]], target_modules="unet",
+                             pivotal: bool = False) -> tuple[SuperLoRAConfig, str]:
+    """The best measured recipe (`MEASURED_RECIPES`) that fits the budget, and a few words on how it was chosen.
+
+    Below every measured recipe: the candidate with the most trainable parameters that fits, among per-weight
+    LoRA, Tucker (fold 3-5, G in 1..12), then Tucker with Fastfood projection (ρ = 0.1, 0.01).
     """
+    for preset, overrides in MEASURED_RECIPES[pivotal]:
+        config = config_from_preset(preset, target_modules=target_modules, **overrides)
+        with contextlib.suppress(ValueError):  # a layout these shapes cannot take is simply not a candidate
+            if count_parameters(config, shapes) <= budget:
+                return config, f"the best measured recipe that fits ({preset})"
     candidates: list[SuperLoRAConfig] = []
     for rank in range(1, 65):
         candidates.append(SuperLoRAConfig.lora(rank=rank, target_modules=target_modules))
@@ -239,8 +260,9 @@ def choose_config_for_budget(budget: int, shapes: list[tuple[int, int]], target_
         if best_count < n <= budget:
             best, best_count = config, n
     if best is None:
-        raise TrainingError(f"--param_budget {budget} is below the smallest SuperLoRA for these targets; raise it.")
-    return best
+        raise TrainingError(f"--param_budget is below the smallest SuperLoRA for these targets ({budget} left for the "
+                            "factors); raise it.")
+    return best, "below every measured recipe, the largest configuration that fits (not measured)"
 
 
 # ---- data --------------------------------------------------------------------------------------

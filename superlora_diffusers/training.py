@@ -211,11 +211,12 @@ def train(args: argparse.Namespace, on_step=None) -> Path:
 
     # --- the one shared SuperLoRA ---
     components = {"unet": unet, "text_encoder": text_encoder}
-    config, how = superlora_config_from_args(args, lambda targets: target_shapes(components, targets))
+    token_ids = tuple(token_ids_for(tokenizer, args.token_abstraction))
+    token_dim = text_encoder.get_input_embeddings().embedding_dim
+    config, how = superlora_config_from_args(args, lambda targets: target_shapes(components, targets),
+                                             len(token_ids) * token_dim)
     if args.train_text_encoder_ti:  # pivotal tuning: the identifier's embedding offsets live in the same module
-        config = dataclasses.replace(config, token=args.token_abstraction,
-                                     token_ids=tuple(token_ids_for(tokenizer, args.token_abstraction)),
-                                     token_dim=text_encoder.get_input_embeddings().embedding_dim)
+        config = dataclasses.replace(config, token=args.token_abstraction, token_ids=token_ids, token_dim=token_dim)
     superlora = inject_superlora(components, config)
     superlora_model = get_superlora_model(components)
     adapter = superlora_model.adapters["default"]

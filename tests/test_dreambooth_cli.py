@@ -91,12 +91,33 @@ def test_prior_preservation_needs_class_flags():
         parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--resolution", "20"])
 
 
-@pytest.mark.parametrize("budget", [40, 300, 1_000, 5_000, 60_000])
-def test_param_budget_picks_the_largest_config_that_fits(budget):
-    config = choose_config_for_budget(budget, SD_LIKE)
+@pytest.mark.parametrize("pivotal, budget, expected", [
+    (False, 100_000, ("lora", "weight", 4)),  # LoRA r=4 (81,408 here) was measured best
+    (False, 30_000, ("lora", "weight", 1)),   # without the embedding, per-weight r=1 beat the shared layouts
+    (True, 30_000, ("tucker", "shape", 1)),   # with it, the Tucker axes layout beat LoRA r=1
+    (False, 10_000, ("tucker", "shape", 1)),  # 4,440 here; the cube G=12 (15,540) does not fit
+])
+def test_param_budget_takes_the_best_measured_recipe_that_fits(pivotal, budget, expected):
+    config, why = choose_config_for_budget(budget, SD_LIKE, pivotal=pivotal)
+    assert (config.factorization, config.groups, config.rank) == expected and "measured recipe" in why
+    assert count_parameters(config, SD_LIKE) <= budget
+
+
+@pytest.mark.parametrize("budget", [40, 300, 1_000, 4_000])
+def test_param_budget_below_the_recipes_takes_the_largest_config_that_fits(budget):
+    config, why = choose_config_for_budget(budget, SD_LIKE)
     n = count_parameters(config, SD_LIKE)
-    assert n <= budget
+    assert n <= budget and "not measured" in why
     assert n >= 0.5 * budget  # the search is dense enough to use most of the budget
+
+
+def test_param_budget_counts_the_pivotal_embedding():
+    argv = ["--instance_data_dir", "d", "--instance_prompt", "a sks star", "--param_budget", "4500"]
+    config, how = superlora_config_from_args(parse_args(argv), lambda targets: SD_LIKE, token_parameters=128)
+    assert config.groups == "shape" and "tucker-axes" in how  # 4,440 fits: the embedding does not train
+    with_ti = parse_args(argv + ["--train_text_encoder_ti"])
+    config, how = superlora_config_from_args(with_ti, lambda targets: SD_LIKE, token_parameters=128)
+    assert count_parameters(config, SD_LIKE) + 128 <= 4500 and "not measured" in how
 
 
 def test_param_budget_below_anything_is_an_error():
