@@ -744,7 +744,7 @@ def equal_quality(stats: dict, ref: str = "lora_r4") -> dict | None:
 
 
 def report(args) -> None:
-    rows = load(args.jsonl)
+    rows = [r for path in args.jsonl.split(",") for r in load(path)]  # several files: their rows together
     if getattr(args, "seeds", None) is not None:  # every method on the same training seeds: a like-for-like table
         rows = [r for r in rows if r.get("phase") != "final" or r["seed"] in args.seeds]
     stats, base, search = summarise(rows)
@@ -891,7 +891,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--max_minutes", type=float, default=1e9, help="stop queueing new runs after this")
     r.add_argument("--grace_s", type=float, default=60, help="then wait this long for the runs in flight")
     p = sub.add_parser("report")
-    p.add_argument("jsonl")
+    p.add_argument("jsonl", help="a results file, or several comma-separated (methods run into different files)")
     p.add_argument("--plot", default=None, help="also draw the plot to this PNG")
     p.add_argument("--table", default=None, help="also write the markdown table here")
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,

@@ -102,3 +102,16 @@ def test_report_seed_filter_compares_like_for_like(quality, tmp_path):
     assert "4 x 1" in lora and "+0.060" in lora  # seed 0 alone: gain 0.07 - jitter 0.01
     assert "- none: every method trained at the one rate" in table.read_text()  # no search rows: said, not blank
     assert list(tmp_path.glob("*.png")) == []  # no plot unless asked
+
+
+def test_report_reads_several_files_as_one(quality, tmp_path):
+    """Methods run into different files (e.g. a later recipe beside the committed finals) share one table."""
+    import json
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in base_rows() + rows_for("lora_r4", 154_240, 0.07)))
+    second.write_text("".join(json.dumps(r) + "\n" for r in rows_for("ax_r1_ti", 12_866, 0.05)))
+    table = tmp_path / "table.md"
+    quality.report(argparse.Namespace(jsonl=f"{first},{second}", plot=None, table=str(table)))
+    rows = {line.split("|")[1].strip() for line in table.read_text().splitlines() if line.startswith("| `")}
+    assert {"`lora_r4`", "`ax_r1_ti`"} <= rows
