@@ -2,11 +2,12 @@
 background training. `app/ui.py` wires these methods to Gradio components; tests can call them directly.
 
 Every user mistake raises `UserError` (or the library's `SuperLoRAFileError` / `TrainingError`) with one
-line of text; the UI turns those into `gr.Error` pop-ups and the app keeps running.
+line of text; the UI shows it as a notice (API clients get it as an error) and logs it as one line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import superlora_diffusers  # noqa: F401  (attaches the pipeline verbs)
 from superlora_diffusers import SuperLoRAConfig, SuperLoRAFileError
 from superlora_diffusers.dreambooth import IMAGE_EXTENSIONS, TrainingError, describe, parse_args, superlora_config_from_args
 from superlora_diffusers.serialization import WEIGHT_NAME
+from superlora_diffusers.superlora import versus_lora1
 
 logger = logging.getLogger("superlora.app")
 
@@ -46,6 +48,18 @@ DISPLAY_MIN = 256  # small images (the toy model's 32x32) are shown enlarged, pi
 SKIP_DIRS = re.compile(r"^(checkpoint-\d+|\..*|__pycache__|logs|instance_images|validation)$")
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
+# name -> (diffusers scheduler class, extra config): the samplers A1111 users know by these names
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DPM-Solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+}
+DEFAULT_SAMPLER = "DPM-Solver++"
+TAG = re.compile(r"<superlora:([^:>]+)(?::([^:>]*))?(?::([^:>]*))?>", re.IGNORECASE)
+PROMPT_LEAD = re.compile(r"^\s*(?:(?:a|an|the)\s+(?:photo|picture|image|painting|drawing|render)\s+of\s+)?(?:(?:a|an|the)\s+)?",
+                         re.IGNORECASE)
+PNG_KEY = "superlora"  # the PNG text chunk with the exact settings (JSON); "parameters" holds A1111's line
 
 
 class UserError(ValueError):
@@ -113,6 +127,91 @@ def parse_scales(text: str) -> list[float]:
     return scales
 
 
+def captioned(image: Image.Image, text: str) -> Image.Image:
+    """`image` under a one-line white caption (a training's validation grid says which step and prompt it shows)."""
+    font, head = _font(14), 24
+    sheet = Image.new("RGB", (max(image.width, 8 * len(text) + 12), image.height + head), "white")
+    ImageDraw.Draw(sheet).text((6, 5), text, fill="black", font=font)
+    sheet.paste(image.convert("RGB"), (0, head))
+    return sheet
+
+
+# ---- prompts: trigger words and <superlora:name:weight> tags ---------------------------------------
+def trigger_phrase(instance_prompt: str) -> str:
+    """The words that call up a DreamBooth subject: its instance prompt without 'a photo of' ('sks star')."""
+    return PROMPT_LEAD.sub("", str(instance_prompt or "")).strip()
+
+
+def insert_trigger(prompt: str, instance_prompt: str) -> str:
+    """The prompt with the adapter's trigger words added, as A1111 adds a LoRA's activation text (once)."""
+    prompt, trigger = str(prompt or "").strip(), trigger_phrase(instance_prompt)
+    if not trigger or trigger.lower() in prompt.lower():
+        return prompt
+    return instance_prompt.strip() if not prompt else f"{prompt}, {trigger}"
+
+
+def _weight(text: str | None, default: float, tag: str) -> float:
+    if text is None or not text.strip():
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{tag}: the weight {text!r} is not a number; write e.g. <superlora:name:0.8>") from None
+    lo, hi = SCALE_RANGE
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise UserError(f"{tag}: weights must lie in [{lo}, {hi}], got {value:g}")
+    return value
+
+
+def parse_prompt_tags(prompt: str) -> tuple[str, dict[str, tuple[float, float]]]:
+    """'<superlora:name:0.8>' (or ':0.8:0.5' for UNet and text encoder apart, as A1111 types <lora:name:0.8>)
+    -> (the prompt without the tags, {name: (unet weight, text-encoder weight)})."""
+    tags: dict[str, tuple[float, float]] = {}
+    for m in TAG.finditer(str(prompt or "")):
+        unet = _weight(m.group(2), 1.0, m.group(0))
+        tags[m.group(1).strip()] = (unet, _weight(m.group(3), unet, m.group(0)))
+    clean = re.sub(r"\s*,\s*(,|$)", r"\1", TAG.sub("", str(prompt or "")))
+    return re.sub(r"\s{2,}", " ", clean).strip(" ,"), tags
+
+
+# ---- generation settings in PNG text chunks --------------------------------------------------------
+def settings_line(settings: dict[str, Any]) -> str:
+    """A1111's 'parameters' text, so other tools that read it show the settings too."""
+    lines = [settings["prompt"]]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    loras = "".join(f" <superlora:{a['name']}:{a['unet']:g}:{a['text_encoder']:g}>" for a in settings.get("adapters", []))
+    lines.append(f"Steps: {settings['steps']}, Sampler: {settings['sampler']}, CFG scale: {settings['guidance_scale']:g}, "
+                 f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}{',' if loras else ''}{loras}")
+    return "\n".join(lines)
+
+
+def with_settings(image: Image.Image, settings: dict[str, Any]) -> Image.Image:
+    """Attach the settings as PNG text chunks (Gradio and PIL write `info`'s strings into the PNG)."""
+    image.info[PNG_KEY] = json.dumps(settings)
+    image.info["parameters"] = settings_line(settings)
+    return image
+
+
+def read_png_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings this app wrote into a PNG (its 'superlora' text chunk)."""
+    name = Path(path).name
+    try:
+        with Image.open(path) as im:
+            text = (getattr(im, "text", None) or im.info).get(PNG_KEY)
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"cannot read {name!r} as an image; drop a PNG generated by this app") from None
+    if not text:
+        raise UserError(f"{name!r} holds no SuperLoRA studio settings; drop a PNG generated by this app")
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        raise UserError(f"{name!r} has a damaged settings chunk; drop another PNG generated by this app") from None
+    if not isinstance(settings, dict) or "prompt" not in settings:
+        raise UserError(f"{name!r} has a damaged settings chunk; drop another PNG generated by this app")
+    return settings
+
+
 def check_image(path: str | os.PathLike) -> Image.Image:
     name = Path(path).name
     if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -174,6 +273,8 @@ class Studio:
         self.native = int(unet.config.sample_size) * int(self.pipe.vae_scale_factor)
         self.size_multiple = 8
         self.max_side = max(self.native, min(2048, 8 * self.native))
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.sampler = ""  # the scheduler now on the pipeline (set per request)
         self.trainer = Trainer(self)
 
     # ---- adapters -------------------------------------------------------------------------------
@@ -204,6 +305,24 @@ class Studio:
         while name in taken:
             name, i = f"{stem}-{i}", i + 1
         return name
+
+    def resolve_adapter(self, path_or_label: str | os.PathLike | None) -> tuple[str, str]:
+        """(path, label) of an adapter named by its folder-list label or by a path inside the adapter folder (a
+        run that just finished is found without rescanning); paths elsewhere must be uploaded instead."""
+        if not path_or_label:
+            raise UserError("pick an adapter from the list (or upload a .safetensors file) first")
+        listed = self.list_adapter_files()
+        for label, path in listed:
+            if str(path_or_label) in (label, path):
+                return path, label
+        path = Path(path_or_label)
+        root = self.adapters_dir.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise UserError(f"{str(path_or_label)!r} is not in the adapter folder {str(self.adapters_dir)!r}; "
+                            "upload the file instead")
+        rel = path.resolve().relative_to(root)
+        label = str(rel.parent if rel.name == WEIGHT_NAME else rel)
+        return str(path), label
 
     def load_adapter(self, path: str | os.PathLike, label: str | None = None) -> str:
         """Load a SuperLoRA (a file, or a folder holding superlora_weights.safetensors); returns its name."""
@@ -251,6 +370,7 @@ class Studio:
                     "name": a.name,
                     "source": a.source,
                     "instance_prompt": meta.get("instance_prompt", ""),
+                    "trigger": trigger_phrase(meta.get("instance_prompt", "")),
                     "base_model": meta.get("base_model", ""),
                     "config": config,
                     "target_modules": info["config"].get("target_modules"),
@@ -259,6 +379,7 @@ class Studio:
                     "file_bytes": a.file_size,
                     "lora_rank1_parameters": info["lora_rank1_parameters"],
                     "lora_rank1_ratio": info["lora_rank1_ratio"],
+                    "versus_lora1": versus_lora1(info["num_parameters"], info["lora_rank1_parameters"]),
                 })
         return rows
 
@@ -291,20 +412,53 @@ class Studio:
             raise UserError(f"the seed must be between 0 and {MAX_SEED}, got {seed}")
         return seed
 
-    def _activate(self, scales: Sequence[float] | None) -> None:
-        """Switch the loaded adapters on with the slot scales (missing scales: 1.0)."""
+    def weights_for(self, scales: Sequence[float] | None, text_scales: Sequence[float] | None = None,
+                    tags: dict[str, tuple[float, float]] | None = None) -> list[tuple[str, float, float]]:
+        """(name, UNet weight, text-encoder weight) per loaded adapter: the slot sliders (missing: 1.0), overridden
+        by the prompt's <superlora:name:w> tags; a tag naming no loaded adapter is an error."""
+        tags = dict(tags or {})
+        by_name = {a.name.lower(): a.name for a in self.loaded}
+        unknown = [t for t in tags if t.lower() not in by_name]
+        if unknown:
+            raise UserError(f"<superlora:{unknown[0]}> names no loaded adapter; load it first "
+                            f"(loaded: {', '.join(by_name.values()) or 'none'})")
+        tagged = {by_name[t.lower()]: w for t, w in tags.items()}
+        lo, hi = SCALE_RANGE
+
+        def pick(values: Sequence[float] | None, i: int, default: float) -> float:
+            values = list(values or [])
+            v = float(values[i]) if i < len(values) and values[i] is not None else default
+            if not (math.isfinite(v) and lo <= v <= hi):
+                raise UserError(f"adapter scales must lie in [{lo}, {hi}], got {v}")
+            return v
+
+        weights = []
+        for i, a in enumerate(self.loaded):
+            unet = pick(scales, i, 1.0)
+            weights.append((a.name, *tagged.get(a.name, (unet, pick(text_scales, i, 1.0)))))
+        return weights
+
+    def _activate(self, weights: list[tuple[str, float, float]]) -> None:
+        """Switch the loaded adapters on, each with its UNet and text-encoder weight (diffusers' dict form)."""
         if not self.loaded:
             return
-        scales = list(scales or [])
-        weights = []
-        for i in range(len(self.loaded)):
-            s = float(scales[i]) if i < len(scales) and scales[i] is not None else 1.0
-            lo, hi = SCALE_RANGE
-            if not (math.isfinite(s) and lo <= s <= hi):
-                raise UserError(f"adapter scales must lie in [{lo}, {hi}], got {s}")
-            weights.append(s)
-        self.pipe.set_superlora_adapters([a.name for a in self.loaded], weights)
+        texts = [c for c in self.pipe._superlora_components() if c != "unet"]
+        self.pipe.set_superlora_adapters([n for n, _, _ in weights],
+                                         [{"unet": u, **{c: t for c in texts}} for _, u, t in weights])
         self.pipe.enable_superlora()
+
+    def _use_sampler(self, sampler: str | None) -> str:
+        """Put the named scheduler on the pipeline (built from the base model's own scheduler config)."""
+        sampler = sampler or DEFAULT_SAMPLER
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if sampler != self.sampler:
+            import diffusers
+
+            cls, extra = SAMPLERS[sampler]
+            self.pipe.scheduler = getattr(diffusers, cls).from_config(self.scheduler_config, **extra)
+            self.sampler = sampler
+        return sampler
 
     def _run(self, prompt: str, negative: str, seeds: Sequence[int], steps: int, guidance: float, width: int,
              height: int, report: Callable[[], None] | None, scale: float | None = None) -> list[Image.Image]:
@@ -337,13 +491,26 @@ class Studio:
             progress(0, total, what)
         return report
 
-    def generate(self, prompt: str, negative: str = "", seed: Any = 0, randomize: bool = False, steps: Any = 20,
-                 guidance: Any = 5.0, width: Any = None, height: Any = None, num_images: Any = 1,
-                 scales: Sequence[float] | None = None, progress: Progress | None = None
-                 ) -> tuple[list[Image.Image], int]:
-        """Images (at the model's size) and the seed used; image i uses seed + i."""
+    def _prepare(self, prompt: str, steps: Any, guidance: Any, width: Any, height: Any, sampler: str | None,
+                 scales: Sequence[float] | None, text_scales: Sequence[float] | None
+                 ) -> tuple[str, int, float, int, int, str, list[tuple[str, float, float]]]:
+        """Checked settings: (prompt without tags, steps, guidance, width, height, sampler, adapter weights)."""
         steps, guidance, width, height = self.check_request(prompt, steps, guidance, width or self.native,
                                                             height or self.native)
+        clean, tags = parse_prompt_tags(prompt)
+        if not clean:
+            raise UserError("the prompt holds only <superlora:...> tags; write what to draw too")
+        if (sampler or DEFAULT_SAMPLER) not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        return clean, steps, guidance, width, height, sampler or DEFAULT_SAMPLER, self.weights_for(scales, text_scales, tags)
+
+    def generate(self, prompt: str, negative: str = "", seed: Any = 0, randomize: bool = False, steps: Any = 20,
+                 guidance: Any = 5.0, width: Any = None, height: Any = None, num_images: Any = 1,
+                 scales: Sequence[float] | None = None, progress: Progress | None = None, sampler: str | None = None,
+                 text_scales: Sequence[float] | None = None) -> tuple[list[Image.Image], int]:
+        """Images (at the model's size, their settings in PNG text chunks) and the seed used; image i uses seed + i."""
+        clean, steps, guidance, width, height, sampler, weights = self._prepare(
+            prompt, steps, guidance, width, height, sampler, scales, text_scales)
         try:
             n = int(num_images)
         except (TypeError, ValueError):
@@ -353,29 +520,35 @@ class Studio:
         seed = self._seed(seed, randomize)
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(n)]
         with self.lock:
-            self._activate(scales)
-            images = self._run(prompt, negative, seeds, steps, guidance, width, height,
+            self._activate(weights)
+            self._use_sampler(sampler)
+            images = self._run(clean, negative, seeds, steps, guidance, width, height,
                                self._counter(steps, progress, "generating"))
-        return images, seed
+        settings = {"prompt": prompt, "negative_prompt": negative or "", "steps": steps, "guidance_scale": guidance,
+                    "sampler": sampler, "width": width, "height": height, "base_model": self.base,
+                    "adapters": [{"name": n, "unet": u, "text_encoder": t} for n, u, t in weights]}
+        return [with_settings(im, {**settings, "seed": s}) for im, s in zip(images, seeds)], seed
 
     def compare(self, prompt: str, negative: str = "", seed: Any = 0, randomize: bool = False, steps: Any = 20,
                 guidance: Any = 5.0, width: Any = None, height: Any = None, scales: Sequence[float] | None = None,
-                progress: Progress | None = None) -> tuple[Image.Image, Image.Image, int]:
+                progress: Progress | None = None, sampler: str | None = None,
+                text_scales: Sequence[float] | None = None) -> tuple[Image.Image, Image.Image, int]:
         """(without adapters, with adapters, seed): the same seed and settings, side by side."""
-        steps, guidance, width, height = self.check_request(prompt, steps, guidance, width or self.native,
-                                                            height or self.native)
+        clean, steps, guidance, width, height, sampler, weights = self._prepare(
+            prompt, steps, guidance, width, height, sampler, scales, text_scales)
         if not self.loaded:
             raise UserError("load an adapter first: compare shows the same seed without and with it")
         seed = self._seed(seed, randomize)
         with self.lock:
-            self._activate(scales)
+            self._activate(weights)
+            self._use_sampler(sampler)
             report = self._counter(2 * steps, progress, "comparing")
             self.pipe.disable_superlora()
             try:
-                (base,) = self._run(prompt, negative, [seed], steps, guidance, width, height, report)
+                (base,) = self._run(clean, negative, [seed], steps, guidance, width, height, report)
             finally:
                 self.pipe.enable_superlora()
-            (adapted,) = self._run(prompt, negative, [seed], steps, guidance, width, height, report)
+            (adapted,) = self._run(clean, negative, [seed], steps, guidance, width, height, report)
         return base, adapted, seed
 
     def compare_sheet(self, base: Image.Image, adapted: Image.Image, seed: int) -> Image.Image:
@@ -384,11 +557,12 @@ class Studio:
 
     def sweep(self, prompt: str, negative: str = "", seed: Any = 0, randomize: bool = False, steps: Any = 20,
               guidance: Any = 5.0, width: Any = None, height: Any = None, scales_text: str = "0, 0.25, 0.5, 0.75, 1.0",
-              rows: Any = 1, scales: Sequence[float] | None = None, progress: Progress | None = None
+              rows: Any = 1, scales: Sequence[float] | None = None, progress: Progress | None = None,
+              sampler: str | None = None, text_scales: Sequence[float] | None = None
               ) -> tuple[Image.Image, int, list[float]]:
         """A grid: one column per call-time scale (multiplying the adapter mix), one row per seed."""
-        steps, guidance, width, height = self.check_request(prompt, steps, guidance, width or self.native,
-                                                            height or self.native)
+        clean, steps, guidance, width, height, sampler, weights = self._prepare(
+            prompt, steps, guidance, width, height, sampler, scales, text_scales)
         if not self.loaded:
             raise UserError("load an adapter first: the sweep varies its scale")
         sweep = parse_scales(scales_text)
@@ -402,10 +576,11 @@ class Studio:
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(n_rows)]
         columns = []
         with self.lock:
-            self._activate(scales)
+            self._activate(weights)
+            self._use_sampler(sampler)
             report = self._counter(len(sweep) * steps, progress, "sweeping")
             for s in sweep:
-                columns.append(self._run(prompt, negative, seeds, steps, guidance, width, height, report, scale=s))
+                columns.append(self._run(clean, negative, seeds, steps, guidance, width, height, report, scale=s))
         grid_rows = [[columns[j][i] for j in range(len(sweep))] for i in range(n_rows)]
         sheet = labeled_grid(grid_rows, [f"scale {s:g}" for s in sweep], [f"seed {s}" for s in seeds],
                              cell=max(128, width))
@@ -456,6 +631,17 @@ class TrainJob:
             return str(samples)
         grids = sorted((self.output_dir / "validation").glob("step-*.png"))
         return str(grids[-1]) if grids else None
+
+    def grid_view(self) -> Image.Image | None:
+        """The latest validation grid, enlarged and captioned with what it shows (step or final, and the prompt)."""
+        path = self.latest_grid()
+        if path is None:
+            return None
+        with Image.open(path) as im:
+            grid = enlarge(im.convert("RGB"), 128)
+        stem = Path(path).stem
+        what = "final samples" if stem == "samples" else f"validation at step {int(stem.split('-')[-1])} of {self.max_steps}"
+        return captioned(grid, f"{what} · {self.instance_prompt}")
 
     def summary(self) -> dict[str, Any]:
         return {

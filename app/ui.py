@@ -1,8 +1,15 @@
-"""The Gradio layout: components and events over `app.core.Studio`. Every handler turns a user mistake
-into a `gr.Error` pop-up (the app keeps running); API names are stable for `gradio_client`:
+"""The Gradio layout: components and events over `app.core.Studio`.
+
+Two kinds of events. The page's own adapter actions (Load, upload, ✕, a finished training) never raise: a
+user mistake becomes a notice and a line in the adapter panel's message, because Gradio marks every output
+of a raising event with an "Error" badge that would cover the sliders and ✕ buttons. API endpoints (named
+parameters and outputs, listed by `gradio_client.Client.view_api()`) raise the one-line message, so clients
+get it as an error:
 
 /generate, /compare, /sweep, /refresh_adapters, /load_adapter, /upload_adapter, /remove_adapter,
 /adapter_info, /train, /train_status, /stop_training.
+
+Ordinary user mistakes are logged as one line; only unexpected exceptions get a traceback.
 """
 
 from __future__ import annotations
@@ -12,17 +19,17 @@ import logging
 import os
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: no usage pings unless asked for
 
 import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from superlora_diffusers import PRESETS, SuperLoRAFileError
 from superlora_diffusers.dreambooth import TrainingError
 
 from .core import (
+    DEFAULT_SAMPLER,
     DISPLAY_MIN,
     MAX_ADAPTERS,
     MAX_GUIDANCE,
@@ -30,16 +37,20 @@ from .core import (
     MAX_STEPS,
     MAX_SWEEP_ROWS,
     MAX_TRAIN_STEPS,
+    SAMPLERS,
     SCALE_RANGE,
     TRAIN_IMAGES,
     Studio,
     UserError,
     enlarge,
     human_bytes,
+    insert_trigger,
     one_line,
+    read_png_settings,
 )
 
 logger = logging.getLogger("superlora.app")
+USER_ERRORS = (UserError, SuperLoRAFileError, TrainingError)
 
 CSS = """
 .gallery img, #compare img, #sweep img, #train-grid img { image-rendering: pixelated; }
@@ -47,8 +58,17 @@ footer { display: none !important; }
 """
 
 
-def shown_errors(fn):
-    """Run a handler; user mistakes become a gr.Error pop-up with their one-line message."""
+def message_of(where: str, e: BaseException) -> str:
+    """The one line shown for a failed action; a user mistake is logged as one line, a bug with its traceback."""
+    if isinstance(e, USER_ERRORS):
+        logger.info("%s refused: %s", where, one_line(e))
+        return one_line(e)
+    logger.error("%s failed:\n%s", where, traceback.format_exc())
+    return f"{type(e).__name__}: {one_line(e)}"
+
+
+def api_errors(fn: Callable) -> Callable:
+    """For endpoints: a failure is raised as one gr.Error line (no traceback printed by Gradio)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -56,13 +76,17 @@ def shown_errors(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (UserError, SuperLoRAFileError, TrainingError) as e:
-            raise gr.Error(one_line(e)) from None
         except Exception as e:  # noqa: BLE001 (a bug must not take the app down; log it, show one line)
-            logger.error("%s failed:\n%s", fn.__name__, traceback.format_exc())
-            raise gr.Error(f"{type(e).__name__}: {one_line(e)}") from None
+            raise gr.Error(message_of(fn.__name__, e), print_exception=False) from None
 
     return wrapper
+
+
+def notice(where: str, e: BaseException) -> str:
+    """For the page's own adapter actions: a pop-up notice and the panel's message instead of an exception."""
+    text = message_of(where, e)
+    gr.Warning(text)
+    return f"⚠️ {text}"
 
 
 def progress_callback(progress: gr.Progress):
@@ -73,16 +97,16 @@ def info_markdown(studio: Studio) -> str:
     rows = studio.adapter_info()
     if not rows:
         return ("*No adapter loaded.* Pick one from the folder list and press **Load**, or upload a `.safetensors` "
-                "SuperLoRA. Several can be active at once, each with its own scale.")
+                "SuperLoRA. Several can be active at once, each with its own UNet and text-encoder strength.")
     blocks = []
     for i, r in enumerate(rows, 1):
-        prompt = f" · instance prompt *{r['instance_prompt']}*" if r["instance_prompt"] else ""
+        trigger = f" · trigger *{r['trigger']}*" if r["trigger"] else ""
         trained = f" · trained on `{r['base_model']}`" if r["base_model"] else ""
         blocks.append(
-            f"**{i}. {r['name']}**{prompt}  \n"
+            f"**{i}. {r['name']}**{trigger}  \n"
             f"{r['config']} · {r['num_targets']} targets (`{r['target_modules']}`){trained}  \n"
             f"**{r['num_parameters']:,}** trainable parameters · file {human_bytes(r['file_bytes'])} · a rank-1 LoRA "
-            f"of the same targets has {r['lora_rank1_parameters']:,} (**{r['lora_rank1_ratio']:,.0f}×** more)")
+            f"of the same targets has {r['lora_rank1_parameters']:,} ({r['versus_lora1']})")
     return "\n\n".join(blocks)
 
 
@@ -122,19 +146,25 @@ def progress_bar(status: dict[str, Any] | None) -> str:
 
 def build_demo(studio: Studio) -> gr.Blocks:
     native, max_side, m = studio.native, studio.max_side, studio.size_multiple
+    lo, hi = SCALE_RANGE
 
-    def slot_updates(scales: list[float] | None = None):
-        scales = list(scales or [])
-        rows, sliders = [], []
+    def slot_updates(unet: list | None = None, text: list | None = None) -> list:
+        """Rows, UNet and text-encoder sliders and the info panel for the loaded adapters (kept values, new 1.0)."""
+        unet, text = list(unet or []), list(text or [])
+        rows, unet_sliders, text_sliders = [], [], []
         for i in range(MAX_ADAPTERS):
             if i < len(studio.loaded):
-                value = scales[i] if i < len(scales) and scales[i] is not None else 1.0
+                name = studio.loaded[i].name
+                u = unet[i] if i < len(unet) and unet[i] is not None else 1.0
+                t = text[i] if i < len(text) and text[i] is not None else 1.0
                 rows.append(gr.Row(visible=True))
-                sliders.append(gr.Slider(label=f"{studio.loaded[i].name} · scale", value=value))
+                unet_sliders.append(gr.Slider(label=f"{name} · UNet strength", value=u))
+                text_sliders.append(gr.Slider(label="text-encoder strength", value=t))
             else:
                 rows.append(gr.Row(visible=False))
-                sliders.append(gr.Slider(label=f"slot {i + 1}", value=1.0))
-        return [*rows, *sliders, info_markdown(studio)]
+                unet_sliders.append(gr.Slider(label=f"slot {i + 1} · UNet strength", value=1.0))
+                text_sliders.append(gr.Slider(label=f"slot {i + 1} · text-encoder strength", value=1.0))
+        return [*rows, *unet_sliders, *text_sliders, info_markdown(studio)]
 
     def file_choices():
         return studio.list_adapter_files()
@@ -147,17 +177,22 @@ def build_demo(studio: Studio) -> gr.Blocks:
         with gr.Row(equal_height=False):
             # ---- left: prompt, settings, adapters ------------------------------------------------
             with gr.Column(scale=2, min_width=340):
-                prompt = gr.Textbox(label="Prompt", value="", placeholder="a photo of sks star", elem_id="prompt", lines=2)
+                prompt = gr.Textbox(label="Prompt", value="", placeholder="a photo of sks star <superlora:name:0.8>",
+                                    elem_id="prompt", lines=2)
                 negative = gr.Textbox(label="Negative prompt", value="", elem_id="negative")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
                     randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
+                    sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
                 with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
-                    guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance scale")
+                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Sampling steps", elem_id="steps")
+                    guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance scale",
+                                         elem_id="guidance")
                 with gr.Row():
                     width = gr.Slider(m, max_side, value=native, step=m, label="Width")
                     height = gr.Slider(m, max_side, value=native, step=m, label="Height")
+                png_drop = gr.File(label="Drop a PNG made here to reuse its settings", file_types=[".png"],
+                                   file_count="single", height=90, elem_id="png-drop")
 
                 gr.Markdown("### Adapters")
                 with gr.Row():
@@ -165,16 +200,22 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                                scale=4, elem_id="adapter-file")
                     refresh = gr.Button("↻ Refresh", size="sm", scale=1, min_width=60)
                     load = gr.Button("Load", size="sm", variant="secondary", scale=1, min_width=60, elem_id="load")
+                add_trigger = gr.Checkbox(label="Add the adapter's trigger words to the prompt when loading it",
+                                          value=True, elem_id="add-trigger")
                 upload = gr.File(label="…or upload a SuperLoRA .safetensors", file_types=[".safetensors"],
                                  file_count="single", height=120, elem_id="upload")
-                slot_rows, slot_scales, slot_remove = [], [], []
-                lo, hi = SCALE_RANGE
+                slot_rows, slot_unet, slot_text, slot_remove = [], [], [], []
                 for i in range(MAX_ADAPTERS):
-                    with gr.Row(visible=False, equal_height=True) as row:
-                        scale = gr.Slider(lo, hi, value=1.0, step=0.05, label=f"slot {i + 1}", scale=5)
-                        remove = gr.Button("✕", size="sm", scale=0, min_width=40)
-                    slot_rows.append(row), slot_scales.append(scale), slot_remove.append(remove)
-                adapter_md = gr.Markdown(info_markdown(studio), elem_id="adapter-info")
+                    with gr.Row(visible=False, equal_height=True, elem_id=f"slot-{i + 1}") as row:
+                        unet_scale = gr.Slider(lo, hi, value=1.0, step=0.05, label=f"slot {i + 1} · UNet strength",
+                                               scale=3)
+                        text_scale = gr.Slider(lo, hi, value=1.0, step=0.05,
+                                               label=f"slot {i + 1} · text-encoder strength", scale=2)
+                        remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"remove-{i + 1}")
+                    slot_rows.append(row), slot_unet.append(unet_scale), slot_text.append(text_scale)
+                    slot_remove.append(remove)
+                adapter_msg = gr.Markdown("", label="message", elem_id="adapter-msg")
+                adapter_md = gr.Markdown(info_markdown(studio), label="adapters", elem_id="adapter-info")
 
             # ---- right: tabs --------------------------------------------------------------------
             with gr.Column(scale=3):
@@ -183,31 +224,34 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         with gr.Row():
                             num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", scale=3)
                             go = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
-                        gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png",
+                        gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png",
                                              object_fit="contain", elem_id="gallery")
-                        seed_used = gr.Number(label="Seed used (image i: seed + i)", precision=0, interactive=False,
-                                              elem_id="seed-used")
+                        seed_used = gr.Number(label="Seed used", info="image i uses seed + i", value=None, precision=0,
+                                              interactive=False, visible=False, elem_id="seed-used")
                     with gr.Tab("Compare", id="compare-tab"):
                         gr.Markdown("The same seed and settings **without** and **with** the loaded adapters "
-                                    "(at their slot scales).")
-                        compare_btn = gr.Button("Compare without / with", variant="primary")
-                        compare_img = gr.Image(label="Without | with", show_label=False, type="pil", format="png",
+                                    "(at their slot strengths).")
+                        compare_btn = gr.Button("Compare without / with", variant="primary", elem_id="compare-btn")
+                        compare_img = gr.Image(label="Comparison", show_label=False, type="pil", format="png",
                                                elem_id="compare", interactive=False)
-                        compare_seed = gr.Number(label="Seed used", precision=0, interactive=False)
+                        compare_seed = gr.Number(label="Compare seed used", value=None, precision=0,
+                                                 interactive=False, visible=False, elem_id="compare-seed")
                         gr.Markdown("**Scale sweep**: one column per call-time scale (it multiplies the adapter mix), "
                                     "one row per seed.")
                         with gr.Row():
                             sweep_scales = gr.Textbox(value="0, 0.25, 0.5, 0.75, 1.0", label="Scales", scale=3)
                             sweep_rows = gr.Slider(1, MAX_SWEEP_ROWS, value=2, step=1, label="Rows (seeds)", scale=2)
-                        sweep_btn = gr.Button("Scale sweep", variant="primary")
+                        sweep_btn = gr.Button("Scale sweep", variant="primary", elem_id="sweep-btn")
                         sweep_img = gr.Image(label="Scale sweep", show_label=False, type="pil", format="png",
                                              elem_id="sweep", interactive=False)
+                        sweep_seed = gr.Number(label="Sweep seed used", info="row i uses seed + i", value=None, precision=0,
+                                               interactive=False, visible=False, elem_id="sweep-seed")
                     with gr.Tab("Train", id="train-tab"):
                         gr.Markdown(f"DreamBooth a new SuperLoRA on `{studio.base}` from {TRAIN_IMAGES[0]}-"
                                     f"{TRAIN_IMAGES[1]} photos of one subject, with the library's own training code. "
-                                    "It runs in the background; when done the adapter appears in the list.")
+                                    "It runs in the background; when done the adapter is loaded, ready to use.")
                         train_files = gr.File(label=f"{TRAIN_IMAGES[0]}-{TRAIN_IMAGES[1]} images of the subject",
-                                              file_count="multiple", file_types=["image"], height=120)
+                                              file_count="multiple", file_types=["image"], height=120, elem_id="train-files")
                         with gr.Row():
                             instance_prompt = gr.Textbox(label="Instance prompt", placeholder="a photo of sks star",
                                                          scale=3)
@@ -216,123 +260,228 @@ def build_demo(studio: Studio) -> gr.Blocks:
                             preset = gr.Dropdown(sorted(PRESETS), value="lorta", label="Preset")
                             budget = gr.Number(label="…or parameter budget (0 = use the preset)", value=0,
                                                precision=0, minimum=0)
-                            train_steps = gr.Slider(1, MAX_TRAIN_STEPS, value=400, step=1, label="Steps")
+                            train_steps = gr.Slider(1, MAX_TRAIN_STEPS, value=400, step=1, label="Training steps",
+                                                    elem_id="train-steps")
                         with gr.Accordion("Advanced", open=False):
                             with gr.Row():
                                 lr = gr.Number(label="Learning rate", value=5e-3)
-                                train_seed = gr.Number(label="Seed", value=0, precision=0)
+                                train_seed = gr.Number(label="Training seed", value=0, precision=0)
                                 val_images = gr.Slider(1, 8, value=4, step=1, label="Validation images")
-                                val_steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Validation inference steps")
+                                val_steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Validation sampling steps")
                         with gr.Row():
-                            train_btn = gr.Button("Train", variant="primary")
+                            train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
                             stop_btn = gr.Button("Stop", variant="stop")
                             status_btn = gr.Button("↻ Status")
-                        train_bar = gr.HTML(progress_bar(studio.trainer.status()))
-                        train_md = gr.Markdown(train_markdown(studio.trainer.status()), elem_id="train-status")
+                        train_bar = gr.HTML(progress_bar(studio.trainer.status()), label="progress")
+                        train_md = gr.Markdown(train_markdown(studio.trainer.status()), label="training status",
+                                               elem_id="train-status")
                         train_grid = gr.Image(label="Validation grid (latest)", type="pil", format="png",
                                               interactive=False, height=280, elem_id="train-grid")
 
-        settings = [prompt, negative, seed, randomize, steps, guidance, width, height]
-        slot_outputs = [*slot_rows, *slot_scales, adapter_md]
+            # hidden components: the adapter endpoints' named parameters and output for API clients
+            api_path = gr.Textbox(label="path", visible=False)
+            api_file = gr.File(label="file", visible=False, file_types=[".safetensors"])
+            api_name = gr.Textbox(label="name", visible=False)
+            api_adapters = gr.JSON(label="adapters", visible=False)
+
+        settings = [prompt, negative, seed, randomize, steps, guidance, width, height, sampler]
+        slot_scales = [*slot_unet, *slot_text]
+        slot_outputs = [*slot_rows, *slot_unet, *slot_text, adapter_md]
+        keep_slots = [gr.skip()] * len(slot_outputs)
+        pipe_queue = dict(concurrency_id="pipe", concurrency_limit=1)
+        private = dict(api_visibility="private")
 
         # ---- generation (one queue: the pipeline runs one request at a time) -----------------------
-        @shown_errors
-        def generate(prompt, negative, seed, randomize, steps, guidance, width, height, num_images, *scales,
-                     progress=gr.Progress()):
-            images, used = studio.generate(prompt, negative, seed, randomize, steps, guidance, width, height,
-                                           num_images, scales, progress_callback(progress))
+        @api_errors
+        def generate(prompt, negative_prompt, seed, randomize_seed, steps, guidance_scale, width, height, sampler,
+                     num_images, scale_1, scale_2, scale_3, scale_4, text_scale_1, text_scale_2, text_scale_3,
+                     text_scale_4, progress=gr.Progress()):
+            """Images for the prompt with the loaded adapters at these strengths; image i uses seed + i."""
+            images, used = studio.generate(
+                prompt, negative_prompt, seed, randomize_seed, steps, guidance_scale, width, height, num_images,
+                [scale_1, scale_2, scale_3, scale_4], progress_callback(progress), sampler,
+                [text_scale_1, text_scale_2, text_scale_3, text_scale_4])
             items = [(enlarge(im, DISPLAY_MIN), f"seed {used + i}") for i, im in enumerate(images)]
             return items, used
 
-        go.click(generate, [*settings, num_images, *slot_scales], [gallery, seed_used], api_name="generate",
-                 concurrency_id="pipe", concurrency_limit=1)
-        prompt.submit(generate, [*settings, num_images, *slot_scales], [gallery, seed_used], api_name=False,
-                      concurrency_id="pipe", concurrency_limit=1)
+        def reveal():
+            """Seed boxes stay hidden until their first result, so none shows a seed that was not used."""
+            return gr.Number(visible=True)
 
-        @shown_errors
-        def compare(prompt, negative, seed, randomize, steps, guidance, width, height, *scales, progress=gr.Progress()):
-            base, adapted, used = studio.compare(prompt, negative, seed, randomize, steps, guidance, width, height,
-                                                 scales, progress_callback(progress))
+        go.click(generate, [*settings, num_images, *slot_scales], [gallery, seed_used], api_name="generate",
+                 **pipe_queue).success(reveal, None, [seed_used], **private)
+        prompt.submit(generate, [*settings, num_images, *slot_scales], [gallery, seed_used], **private,
+                      **pipe_queue).success(reveal, None, [seed_used], **private)
+
+        @api_errors
+        def compare(prompt, negative_prompt, seed, randomize_seed, steps, guidance_scale, width, height, sampler,
+                    scale_1, scale_2, scale_3, scale_4, text_scale_1, text_scale_2, text_scale_3, text_scale_4,
+                    progress=gr.Progress()):
+            """The same seed without and with the loaded adapters, side by side."""
+            base, adapted, used = studio.compare(
+                prompt, negative_prompt, seed, randomize_seed, steps, guidance_scale, width, height,
+                [scale_1, scale_2, scale_3, scale_4], progress_callback(progress), sampler,
+                [text_scale_1, text_scale_2, text_scale_3, text_scale_4])
             return studio.compare_sheet(base, adapted, used), used
 
         compare_btn.click(compare, [*settings, *slot_scales], [compare_img, compare_seed], api_name="compare",
-                          concurrency_id="pipe", concurrency_limit=1)
+                          **pipe_queue).success(reveal, None, [compare_seed], **private)
 
-        @shown_errors
-        def sweep(prompt, negative, seed, randomize, steps, guidance, width, height, scales_text, rows, *scales,
-                  progress=gr.Progress()):
-            sheet, used, _ = studio.sweep(prompt, negative, seed, randomize, steps, guidance, width, height,
-                                          scales_text, rows, scales, progress_callback(progress))
+        @api_errors
+        def sweep(prompt, negative_prompt, seed, randomize_seed, steps, guidance_scale, width, height, sampler,
+                  sweep_scales, rows, scale_1, scale_2, scale_3, scale_4, text_scale_1, text_scale_2, text_scale_3,
+                  text_scale_4, progress=gr.Progress()):
+            """A grid: one column per call-time scale, one row per seed."""
+            sheet, used, _ = studio.sweep(
+                prompt, negative_prompt, seed, randomize_seed, steps, guidance_scale, width, height, sweep_scales,
+                rows, [scale_1, scale_2, scale_3, scale_4], progress_callback(progress), sampler,
+                [text_scale_1, text_scale_2, text_scale_3, text_scale_4])
             return sheet, used
 
-        sweep_btn.click(sweep, [*settings, sweep_scales, sweep_rows, *slot_scales], [sweep_img, compare_seed],
-                        api_name="sweep", concurrency_id="pipe", concurrency_limit=1)
+        sweep_btn.click(sweep, [*settings, sweep_scales, sweep_rows, *slot_scales], [sweep_img, sweep_seed],
+                        api_name="sweep", **pipe_queue).success(reveal, None, [sweep_seed], **private)
 
-        # ---- adapters --------------------------------------------------------------------------------
-        @shown_errors
+        def read_png(file, *scales):
+            """Fill the settings from a PNG this app wrote (its text chunks); loaded adapters get their strengths."""
+            keep = [gr.skip()] * (len(settings) + len(slot_scales))
+            if not file:
+                return [*keep, gr.skip(), gr.skip()]
+            try:
+                s = read_png_settings(file if isinstance(file, str) else file.name)
+            except Exception as e:  # noqa: BLE001
+                return [*keep, notice("read_png", e), None]
+            names = [a.name for a in studio.loaded]
+            unet, text = list(scales[:MAX_ADAPTERS]), list(scales[MAX_ADAPTERS:])
+            missing = []
+            for a in s.get("adapters", []):
+                if a["name"] in names:
+                    unet[names.index(a["name"])], text[names.index(a["name"])] = a["unet"], a["text_encoder"]
+                else:
+                    missing.append(a["name"])
+            values = [s["prompt"], s.get("negative_prompt", ""), s.get("seed", 0), False, s.get("steps", 20),
+                      s.get("guidance_scale", 5.0), s.get("width", native), s.get("height", native),
+                      s.get("sampler", DEFAULT_SAMPLER)]
+            note = f"Settings read from the PNG (seed {s.get('seed')})."
+            if missing:
+                note += f" It used adapter(s) {', '.join(missing)}, not loaded now: load them for the same image."
+            return [*values, *unet, *text, note, None]
+
+        png_drop.upload(read_png, [png_drop, *slot_scales], [*settings, *slot_scales, adapter_msg, png_drop],
+                        **private)
+
+        # ---- adapters: the page's events (never raise) -----------------------------------------------
+        def after_load(name: str, prompt_now: str, add: bool, scales: tuple) -> list:
+            row = next(r for r in studio.adapter_info() if r["name"] == name)
+            new_prompt = insert_trigger(prompt_now, row["instance_prompt"]) if add else prompt_now
+            n = len(studio.loaded)
+            unet, text = list(scales[:MAX_ADAPTERS])[:n - 1], list(scales[MAX_ADAPTERS:])[:n - 1]
+            return [*slot_updates(unet, text), f"Loaded **{name}**.", new_prompt]
+
+        def load_selected(path, prompt_now, add, *scales):
+            try:
+                name = studio.load_adapter(*studio.resolve_adapter(path))
+            except Exception as e:  # noqa: BLE001 (shown as a notice: the panel stays usable)
+                return [*keep_slots, notice("load_adapter", e), gr.skip()]
+            return after_load(name, prompt_now, add, scales)
+
+        load.click(load_selected, [adapter_file, prompt, add_trigger, *slot_scales],
+                   [*slot_outputs, adapter_msg, prompt], **private, **pipe_queue)
+
+        def upload_selected(file, prompt_now, add, *scales):
+            if not file:
+                return [*keep_slots, gr.skip(), gr.skip(), gr.skip()]
+            path = Path(file if isinstance(file, str) else file.name)
+            try:
+                name = studio.load_adapter(path, path.name)
+            except Exception as e:  # noqa: BLE001
+                return [*keep_slots, notice("upload_adapter", e), gr.skip(), None]
+            return [*after_load(name, prompt_now, add, scales), None]  # None: the box is empty for the next file
+
+        upload.upload(upload_selected, [upload, prompt, add_trigger, *slot_scales],
+                      [*slot_outputs, adapter_msg, prompt, upload], **private, **pipe_queue)
+
+        for i, remove in enumerate(slot_remove):
+            def remove_slot(*scales, index=i):
+                try:
+                    name = studio.unload_adapter(index)
+                except Exception as e:  # noqa: BLE001
+                    return [*keep_slots, notice("remove_adapter", e)]
+                unet = [s for j, s in enumerate(scales[:MAX_ADAPTERS]) if j != index]
+                text = [s for j, s in enumerate(scales[MAX_ADAPTERS:]) if j != index]
+                return [*slot_updates(unet, text), f"Removed **{name}**."]
+
+            remove.click(remove_slot, slot_scales, [*slot_outputs, adapter_msg], **private, **pipe_queue)
+
+        # ---- adapters: API endpoints (raise on a mistake; the page does not listen to them) -------------
+        @api_errors
         def refresh_adapters(current=None):
+            """Rescan the adapter folder: (label, path) choices of the adapter dropdown."""
             choices = file_choices()
             keep = current if current in [p for _, p in choices] else None
             return gr.Dropdown(choices=choices, value=keep)
 
         refresh.click(refresh_adapters, [adapter_file], [adapter_file], api_name="refresh_adapters")
 
-        @shown_errors
-        def load_adapter(path, *scales):
-            label = next((lbl for lbl, p in file_choices() if p == path), None)
-            studio.load_adapter(path, label)
-            return slot_updates(list(scales[:len(studio.loaded) - 1]) + [1.0])
+        @api_errors
+        def load_adapter(path: str) -> list[dict]:
+            """Load an adapter by its folder-list label or its path inside the adapter folder (a training that just
+            finished included); returns every loaded adapter's information."""
+            studio.load_adapter(*studio.resolve_adapter(path))
+            return studio.adapter_info()
 
-        load.click(load_adapter, [adapter_file, *slot_scales], slot_outputs, api_name="load_adapter",
-                   concurrency_id="pipe", concurrency_limit=1)
+        api_path.submit(load_adapter, [api_path], [api_adapters], api_name="load_adapter", **pipe_queue)
 
-        @shown_errors
-        def upload_adapter(file, *scales):
+        @api_errors
+        def upload_adapter(file) -> list[dict]:
+            """Load an uploaded SuperLoRA .safetensors file; returns every loaded adapter's information."""
             if not file:
-                return slot_updates(list(scales))
+                raise UserError("upload a SuperLoRA .safetensors file")
             path = Path(file if isinstance(file, str) else file.name)
             studio.load_adapter(path, path.name)
-            return slot_updates(list(scales[:len(studio.loaded) - 1]) + [1.0])
+            return studio.adapter_info()
 
-        upload.upload(upload_adapter, [upload, *slot_scales], slot_outputs, api_name="upload_adapter",
-                      concurrency_id="pipe", concurrency_limit=1)
+        api_file.upload(upload_adapter, [api_file], [api_adapters], api_name="upload_adapter", **pipe_queue)
 
-        for i, remove in enumerate(slot_remove):
-            def remove_adapter(*scales, index=i):
-                studio.unload_adapter(index)
-                return slot_updates([s for j, s in enumerate(scales) if j != index])
+        @api_errors
+        def remove_adapter(name: str) -> list[dict]:
+            """Unload the loaded adapter of this name (or slot number 1-4); returns the adapters left."""
+            names = [a.name for a in studio.loaded]
+            if str(name).strip().isdigit():
+                studio.unload_adapter(int(name) - 1)
+            elif name in names:
+                studio.unload_adapter(names.index(name))
+            else:
+                raise UserError(f"no loaded adapter named {name!r}; loaded: {', '.join(names) or 'none'}")
+            return studio.adapter_info()
 
-            remove.click(shown_errors(remove_adapter), slot_scales, slot_outputs,
-                         api_name="remove_adapter" if i == 0 else False, concurrency_id="pipe", concurrency_limit=1)
+        api_name.submit(remove_adapter, [api_name], [api_adapters], api_name="remove_adapter", **pipe_queue)
 
         def adapter_info() -> list[dict]:
-            """Each loaded adapter: name, instance prompt, config, trainable parameters, file size, rank-1 LoRA ratio."""
+            """Each loaded adapter: name, trigger words, config, trainable parameters, file size, rank-1 LoRA ratio."""
             return studio.adapter_info()
 
         gr.api(adapter_info, api_name="adapter_info")
 
         # ---- training --------------------------------------------------------------------------------
-        @shown_errors
-        def start_training(files, instance_prompt, name, preset, budget, train_steps, lr, train_seed, val_images,
-                           val_steps):
-            paths = [f if isinstance(f, str) else f.name for f in (files or [])]
-            studio.trainer.start(paths, instance_prompt, preset, budget, train_steps, name or "", lr, train_seed,
-                                 val_images, val_steps)
+        @api_errors
+        def train(images, instance_prompt, adapter_name, preset, param_budget, training_steps, learning_rate, seed,
+                  validation_images, validation_steps):
+            """Start a DreamBooth training in the background; poll /train_status."""
+            paths = [f if isinstance(f, str) else f.name for f in (images or [])]
+            studio.trainer.start(paths, instance_prompt, preset, param_budget, training_steps, adapter_name or "",
+                                 learning_rate, seed, validation_images, validation_steps)
             return train_markdown(studio.trainer.status())
 
-        def grid_image(status):
-            path = (status or {}).get("grid")
-            if not path:
-                return None
+        def grid_image():
+            job = studio.trainer.job
             try:
-                with Image.open(path) as im:
-                    return enlarge(im.convert("RGB"), 128)
+                return job.grid_view() if job else None
             except OSError:  # being written right now: show it next time
-                return gr.Image()
+                return gr.skip()
 
         def train_status():
             status = studio.trainer.status()
-            return progress_bar(status), train_markdown(status), grid_image(status)
+            return progress_bar(status), train_markdown(status), grid_image()
 
         def watch_training(current):
             import time
@@ -341,37 +490,55 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 status = studio.trainer.status()
                 if status is None or status["state"] not in ("preparing", "training", "finishing"):
                     break
-                yield progress_bar(status), train_markdown(status), grid_image(status), gr.Dropdown()
+                yield progress_bar(status), train_markdown(status), grid_image(), gr.skip()
                 time.sleep(1.0)
             choices = file_choices()
             new = (status or {}).get("weights") or current
             new = new if new in [p for _, p in choices] else current
-            yield progress_bar(status), train_markdown(status), grid_image(status), gr.Dropdown(choices=choices, value=new)
+            yield progress_bar(status), train_markdown(status), grid_image(), gr.Dropdown(choices=choices, value=new)
+
+        def load_trained(path, prompt_now, add, *scales):
+            """When a training finishes, its adapter is loaded, ready to use."""
+            status = studio.trainer.status() or {}
+            if status.get("state") != "done" or not path or path != status.get("weights"):
+                return [*keep_slots, gr.skip(), gr.skip()]
+            return load_selected(path, prompt_now, add, *scales)
 
         train_btn.click(
-            start_training, [train_files, instance_prompt, adapter_name, preset, budget, train_steps, lr, train_seed,
-                             val_images, val_steps], [train_md], api_name="train",
-            concurrency_id="train", concurrency_limit=1,
-        ).success(watch_training, [adapter_file], [train_bar, train_md, train_grid, adapter_file], api_name=False,
-                  concurrency_limit=None, show_progress="hidden")
+            train, [train_files, instance_prompt, adapter_name, preset, budget, train_steps, lr, train_seed,
+                    val_images, val_steps], [train_md], api_name="train", concurrency_id="train", concurrency_limit=1,
+        ).success(watch_training, [adapter_file], [train_bar, train_md, train_grid, adapter_file], **private,
+                  concurrency_limit=None, show_progress="hidden"
+        ).then(load_trained, [adapter_file, prompt, add_trigger, *slot_scales], [*slot_outputs, adapter_msg, prompt],
+               **private, **pipe_queue)
 
         def train_status_api() -> dict:
             """The current (or last) training: state, step, max_steps, loss, error, weights, grid..."""
             return studio.trainer.status() or {}
 
         gr.api(train_status_api, api_name="train_status")
-        status_btn.click(train_status, None, [train_bar, train_md, train_grid], api_name=False, concurrency_limit=None)
+        status_btn.click(train_status, None, [train_bar, train_md, train_grid], **private, concurrency_limit=None)
 
-        @shown_errors
+        @api_errors
         def stop_training():
+            """Stop the running training after its current step."""
             studio.trainer.cancel()
             return train_markdown(studio.trainer.status())
 
         stop_btn.click(stop_training, None, [train_md], api_name="stop_training", concurrency_limit=None)
 
         demo.load(lambda: (gr.Dropdown(choices=file_choices()), *train_status(), *slot_updates()), None,
-                  [adapter_file, train_bar, train_md, train_grid, *slot_outputs], api_name=False)
+                  [adapter_file, train_bar, train_md, train_grid, *slot_outputs], **private)
+    name_api_outputs(demo, {"adapter_info": "adapters", "train_status": "status"})
     return demo
+
+
+def name_api_outputs(demo: gr.Blocks, labels: dict[str, str]) -> None:
+    """gr.api labels its outputs '1st', '2nd'...; give those endpoints' outputs a name for view_api()."""
+    for fn in demo.fns.values():
+        if fn.api_name in labels:
+            for output in fn.outputs:
+                output.label = labels[fn.api_name]
 
 
 def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True, **kwargs):

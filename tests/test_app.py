@@ -8,7 +8,9 @@ well under a minute on 2 CPU cores.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,9 +37,9 @@ STAR = sorted((ROOT / "examples" / "striped_star").glob("*.png"))
 NO_SCALES = (1.0, 1.0, 1.0, 1.0)
 
 
-def save_adapter(pipe, folder: Path, prompt: str, seed: int = 0) -> Path:
+def save_adapter(pipe, folder: Path, prompt: str, seed: int = 0, targets: str = "unet") -> Path:
     """A SuperLoRA with random (non-zero) factors, so it visibly changes the images."""
-    module = inject_superlora(pipe._superlora_components(), SuperLoRAConfig.lorta(rank=2))
+    module = inject_superlora(pipe._superlora_components(), SuperLoRAConfig.lorta(rank=2, target_modules=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -55,7 +57,7 @@ def world(tmp_path_factory):
     pipe.save_pretrained(base)
     adapters = root / "adapters"
     save_adapter(pipe, adapters / "sks-star", "a photo of sks star")
-    save_adapter(pipe, adapters / "nested" / "polka", "a photo of pqp circle", seed=1)
+    save_adapter(pipe, adapters / "nested" / "polka", "a photo of pqp circle", seed=1, targets="unet+text")
     (adapters / "sks-star" / "checkpoint-10").mkdir()  # checkpoints are not listed
     save_adapter(pipe, adapters / "sks-star" / "checkpoint-10", "x")
     from diffusers import StableDiffusionPipeline
@@ -110,12 +112,25 @@ def app(client):
     """The client, with every adapter unloaded afterwards (tests share one server)."""
     yield client
     while client.predict(api_name="/adapter_info"):
-        client.predict(*NO_SCALES, api_name="/remove_adapter")
+        client.predict("1", api_name="/remove_adapter")
 
 
-def generate(client, prompt="a photo of sks star", seed=7, randomize=False, steps=3, size=16, n=1, scales=NO_SCALES):
-    gallery, used = client.predict(prompt, "", seed, randomize, steps, 5.0, size, size, n, *scales, api_name="/generate")
-    return [np.asarray(Image.open(item["image"]).convert("RGB"), dtype=np.int16) for item in gallery], used
+def settings(prompt="a photo of sks star", seed=7, randomize=False, steps=3, size=16, scales=NO_SCALES,
+             text_scales=NO_SCALES, sampler="DPM-Solver++") -> dict:
+    """The shared settings of /generate, /compare and /sweep, by parameter name."""
+    return dict(prompt=prompt, negative_prompt="", seed=seed, randomize_seed=randomize, steps=steps, guidance_scale=5.0,
+                width=size, height=size, sampler=sampler, **{f"scale_{i + 1}": s for i, s in enumerate(scales)},
+                **{f"text_scale_{i + 1}": s for i, s in enumerate(text_scales)})
+
+
+def generate_files(client, n=1, **kw) -> tuple[list[str], int]:
+    gallery, used = client.predict(**settings(**kw), num_images=n, api_name="/generate")
+    return [item["image"] for item in gallery], used
+
+
+def generate(client, n=1, **kw):
+    files, used = generate_files(client, n, **kw)
+    return [np.asarray(Image.open(f).convert("RGB"), dtype=np.int16) for f in files], used
 
 
 def adapter_paths(client) -> dict[str, str]:
@@ -162,10 +177,10 @@ def test_adapter_folder_is_listed_and_loaded_with_its_metadata(app):
     paths = adapter_paths(app)
     assert set(paths) == {"sks-star", "nested/polka"}  # checkpoints skipped
     base, _ = generate(app, seed=3)
-    slots = app.predict(paths["sks-star"], *NO_SCALES, api_name="/load_adapter")
-    assert slots[0]["label"].startswith("sks-star") and "trainable parameters" in slots[-1]
+    loaded = app.predict(paths["sks-star"], api_name="/load_adapter")
+    assert [i["name"] for i in loaded] == ["sks-star"]
     (info,) = app.predict(api_name="/adapter_info")
-    assert info["instance_prompt"] == "a photo of sks star"
+    assert info["instance_prompt"] == "a photo of sks star" and info["trigger"] == "sks star"
     assert info["num_parameters"] > 0 and info["file_bytes"] > 0
     assert info["lora_rank1_ratio"] == pytest.approx(info["lora_rank1_parameters"] / info["num_parameters"])
     assert "tucker" in info["config"]
@@ -175,20 +190,38 @@ def test_adapter_folder_is_listed_and_loaded_with_its_metadata(app):
     assert np.array_equal(base[0], at_zero[0])  # scale 0 is the base model exactly
 
     # a second adapter at once, each with its own scale
-    app.predict(paths["nested/polka"], *NO_SCALES, api_name="/load_adapter")
+    app.predict("nested/polka", api_name="/load_adapter")  # a folder-list label works too
     assert [i["name"] for i in app.predict(api_name="/adapter_info")] == ["sks-star", "nested-polka"]
-    only_first, _ = generate(app, seed=3, scales=(1.0, 0.0, 1.0, 1.0))
+    only_first, _ = generate(app, seed=3, scales=(1.0, 0.0, 1.0, 1.0), text_scales=(1.0, 0.0, 1.0, 1.0))
     assert np.array_equal(adapted[0], only_first[0])
     both, _ = generate(app, seed=3, scales=(1.0, 1.0, 1.0, 1.0))
     assert not np.array_equal(adapted[0], both[0])
     with pytest.raises(AppError, match="already loaded"):
-        app.predict(paths["sks-star"], *NO_SCALES, api_name="/load_adapter")
+        app.predict(paths["sks-star"], api_name="/load_adapter")
+    # <superlora:name:w> in the prompt overrides that adapter's slot strength, and leaves the prompt's text
+    tagged, _ = generate(app, seed=3, prompt="a photo of sks star <superlora:nested-polka:0>")
+    assert np.array_equal(adapted[0], tagged[0])
+    with pytest.raises(AppError, match="names no loaded adapter"):
+        generate(app, prompt="a photo <superlora:nope:0.5>")
+    # the text encoder's strength apart from the UNet's (polka adapts CLIP too): its UNet off, its CLIP on
+    text_only, _ = generate(app, seed=3, scales=(1.0, 0.0, 1.0, 1.0))
+    assert not np.array_equal(text_only[0], only_first[0]) and not np.array_equal(text_only[0], both[0])
+    split, _ = generate(app, seed=3, prompt="a photo of sks star, <superlora:nested-polka:0:1>")
+    assert np.array_equal(split[0], text_only[0])
+
+
+def test_load_adapter_refuses_paths_outside_the_adapter_folder(app, world):
+    outside = world["uploads"] / "other-base" / "superlora_weights.safetensors"
+    with pytest.raises(AppError, match="is not in the adapter folder .*upload the file instead"):
+        app.predict(str(outside), api_name="/load_adapter")
+    with pytest.raises(AppError, match="pick an adapter"):
+        app.predict("", api_name="/load_adapter")
 
 
 def test_upload_adapter(app, world):
-    slots = app.predict(handle_file(str(world["adapters"] / "sks-star" / "superlora_weights.safetensors")),
-                        *NO_SCALES, api_name="/upload_adapter")
-    assert "a photo of sks star" in slots[-1]
+    (info,) = app.predict(handle_file(str(world["adapters"] / "sks-star" / "superlora_weights.safetensors")),
+                          api_name="/upload_adapter")
+    assert info["instance_prompt"] == "a photo of sks star"
 
 
 @pytest.mark.parametrize("name, message", [
@@ -198,7 +231,7 @@ def test_upload_adapter(app, world):
 ])
 def test_bad_upload_is_an_error_and_the_app_keeps_running(app, world, name, message):
     with pytest.raises(AppError, match=message):
-        app.predict(handle_file(str(world["uploads"] / name)), *NO_SCALES, api_name="/upload_adapter")
+        app.predict(handle_file(str(world["uploads"] / name)), api_name="/upload_adapter")
     assert app.predict(api_name="/adapter_info") == []
     images, _ = generate(app)
     assert len(images) == 1
@@ -206,15 +239,66 @@ def test_bad_upload_is_an_error_and_the_app_keeps_running(app, world, name, mess
 
 def test_upload_of_a_non_safetensors_file(app, world):
     with pytest.raises(AppError, match=r"\.safetensors"):  # gradio or the app refuses it
-        app.predict(handle_file(str(STAR[0])), *NO_SCALES, api_name="/upload_adapter")
+        app.predict(handle_file(str(STAR[0])), api_name="/upload_adapter")
+
+
+# ---- the API, the log, PNG settings, samplers ---------------------------------------------------------
+def test_view_api_names_every_parameter_and_output(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(api) == {"/generate", "/compare", "/sweep", "/refresh_adapters", "/load_adapter", "/upload_adapter",
+                        "/remove_adapter", "/adapter_info", "/train", "/train_status", "/stop_training"}
+    for name, endpoint in api.items():
+        for p in endpoint["parameters"]:
+            assert not re.fullmatch(r"param_\d+", p["parameter_name"]), (name, p)
+        for r in endpoint["returns"]:
+            assert not re.fullmatch(r"value_\d+|\d+(st|nd|rd|th)", r["label"]), (name, r)
+    assert [p["parameter_name"] for p in api["/generate"]["parameters"]][-9:] == [
+        "num_images", *[f"scale_{i}" for i in range(1, 5)], *[f"text_scale_{i}" for i in range(1, 5)]]
+    assert [r["label"] for r in api["/load_adapter"]["returns"]] == ["adapters"]
+    assert [p["parameter_name"] for p in api["/load_adapter"]["parameters"]] == ["path"]
+
+
+def test_user_mistakes_are_one_log_line_not_a_traceback(app, world):
+    log = world["root"] / "app.log"
+    start = len(log.read_text())
+    for call in (lambda: generate(app, prompt=" "), lambda: app.predict("", api_name="/load_adapter"),
+                 lambda: app.predict(handle_file(str(world["uploads"] / "notes.safetensors")), api_name="/upload_adapter"),
+                 lambda: app.predict(api_name="/stop_training")):
+        with pytest.raises(AppError):
+            call()
+    time.sleep(0.5)
+    text = log.read_text()[start:]
+    assert "Traceback" not in text, text
+    assert "generate refused: write a prompt first" in text and "stop_training refused: no training is running" in text
+    assert len([line for line in text.splitlines() if "refused:" in line]) == 4
+
+
+def test_png_holds_its_settings_and_the_sampler_is_used(app):
+    from app.core import read_png_settings
+
+    app.predict("sks-star", api_name="/load_adapter")
+    files, used = generate_files(app, n=2, seed=11, prompt="a photo of sks star <superlora:sks-star:0.5>",
+                                 sampler="Euler a")
+    first, second = (read_png_settings(f) for f in files)
+    assert first["seed"] == 11 and second["seed"] == 12 and first["sampler"] == "Euler a" and first["steps"] == 3
+    assert first["prompt"] == "a photo of sks star <superlora:sks-star:0.5>"
+    assert first["adapters"] == [{"name": "sks-star", "unet": 0.5, "text_encoder": 0.5}]
+    assert "Sampler: Euler a, CFG scale: 5, Seed: 11" in Image.open(files[0]).text["parameters"]
+    s = first  # the settings read back regenerate the same image
+    again, _ = generate(app, prompt=s["prompt"], seed=s["seed"], steps=s["steps"], sampler=s["sampler"])
+    assert np.array_equal(again[0], np.asarray(Image.open(files[0]).convert("RGB"), dtype=np.int16))
+    images = {name: generate(app, seed=11, sampler=name)[0][0] for name in ("DPM-Solver++", "Euler a", "DDIM")}
+    assert not np.array_equal(images["DDIM"], images["Euler a"]) and not np.array_equal(images["DDIM"], images["DPM-Solver++"])
+    with pytest.raises(AppError, match="not in the list of choices|unknown sampler"):
+        generate(app, sampler="PLMS")
 
 
 # ---- compare and sweep --------------------------------------------------------------------------------
 def test_compare_and_sweep(app):
     with pytest.raises(AppError, match="load an adapter first"):
-        app.predict("a photo of sks star", "", 5, False, 3, 5.0, 16, 16, *NO_SCALES, api_name="/compare")
-    app.predict(adapter_paths(app)["sks-star"], *NO_SCALES, api_name="/load_adapter")
-    sheet, used = app.predict("a photo of sks star", "", 5, False, 3, 5.0, 16, 16, *NO_SCALES, api_name="/compare")
+        app.predict(**settings(seed=5), api_name="/compare")
+    app.predict("sks-star", api_name="/load_adapter")
+    sheet, used = app.predict(**settings(seed=5), api_name="/compare")
     assert used == 5
     sheet = np.asarray(Image.open(sheet).convert("RGB"))
     cell = 256  # each 16x16 image enlarged to 256
@@ -233,13 +317,12 @@ def test_compare_and_sweep(app):
     found = [contains(im[0]) for im in (base, adapted)]
     assert found == [True, True]
 
-    grid, used = app.predict("a photo of sks star", "", 5, False, 3, 5.0, 16, 16, "0, 0.25, 0.5, 0.75, 1.0", 2,
-                             *NO_SCALES, api_name="/sweep")
+    grid, used = app.predict(**settings(seed=5), sweep_scales="0, 0.25, 0.5, 0.75, 1.0", rows=2, api_name="/sweep")
     grid = Image.open(grid)
     assert grid.width > 5 * 128 and grid.height > 2 * 128 and used == 5
     for bad, message in [("0, banana", "must be numbers"), ("0, 50", "must lie in"), (",".join(["1"] * 20), "at most")]:
         with pytest.raises(AppError, match=message):
-            app.predict("a photo", "", 5, False, 3, 5.0, 16, 16, bad, 1, *NO_SCALES, api_name="/sweep")
+            app.predict(**settings(prompt="a photo", seed=5), sweep_scales=bad, rows=1, api_name="/sweep")
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -278,11 +361,10 @@ def test_training_in_the_background_adds_an_adapter(app):
         time.sleep(0.5)
     assert state["state"] == "done", state
     assert state["step"] == state["max_steps"] == 3 and state["grid"].endswith("samples.png")
+    (info,) = app.predict(state["weights"], api_name="/load_adapter")  # by path, no /refresh_adapters first
+    assert info["instance_prompt"] == "a photo of sks star" and info["num_parameters"] == state["num_parameters"]
     new = set(adapter_paths(app)) - before
     assert len(new) == 1 and next(iter(new)).startswith("app-star-")
-    app.predict(adapter_paths(app)[new.pop()], *NO_SCALES, api_name="/load_adapter")
-    (info,) = app.predict(api_name="/adapter_info")
-    assert info["instance_prompt"] == "a photo of sks star" and info["num_parameters"] == state["num_parameters"]
 
 
 def test_stop_training(app):
@@ -298,6 +380,61 @@ def test_stop_training(app):
     assert set(adapter_paths(app)) == before
     with pytest.raises(AppError, match="no training is running"):
         app.predict(api_name="/stop_training")
+
+
+# ---- the logic, without a server ----------------------------------------------------------------------
+def test_prompt_tags_and_trigger_words():
+    from app.core import UserError, insert_trigger, parse_prompt_tags, trigger_phrase
+
+    assert parse_prompt_tags("a photo of sks star, <superlora:star:0.8> <SuperLoRA:dots:0.5:0>") == (
+        "a photo of sks star", {"star": (0.8, 0.8), "dots": (0.5, 0.0)})
+    assert parse_prompt_tags("<superlora:star> a cat") == ("a cat", {"star": (1.0, 1.0)})
+    with pytest.raises(UserError, match="'x' is not a number"):
+        parse_prompt_tags("a <superlora:star:x>")
+    with pytest.raises(UserError, match=r"must lie in \[-1.0, 2.0\]"):
+        parse_prompt_tags("a <superlora:star:5>")
+    assert trigger_phrase("a photo of sks star") == "sks star" and trigger_phrase("zwx dog") == "zwx dog"
+    assert insert_trigger("", "a photo of sks star") == "a photo of sks star"
+    assert insert_trigger("a red cube", "a photo of sks star") == "a red cube, sks star"
+    assert insert_trigger("sks star on grass", "a photo of sks star") == "sks star on grass"  # once only
+
+
+def test_png_settings_round_trip_and_refusals(tmp_path):
+    from app.core import UserError, read_png_settings
+
+    settings = {"prompt": "a photo", "seed": 3, "steps": 4, "guidance_scale": 5.0, "sampler": "DDIM", "width": 16,
+                "height": 16, "adapters": [{"name": "a", "unet": 0.8, "text_encoder": 1.0}]}
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png", pnginfo=_pnginfo(settings))
+    assert read_png_settings(tmp_path / "a.png") == settings
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(UserError, match="'plain.png' holds no SuperLoRA studio settings"):
+        read_png_settings(tmp_path / "plain.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot read 'junk.png' as an image"):
+        read_png_settings(tmp_path / "junk.png")
+
+
+def _pnginfo(settings):
+    from PIL import PngImagePlugin
+
+    from app.core import PNG_KEY
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, json.dumps(settings))
+    return info
+
+
+def test_the_validation_grid_is_captioned(tmp_path):
+    from app.core import TrainJob
+
+    job = TrainJob("j", tmp_path, "a photo of sks star", 8, "cfg", 10)
+    assert job.grid_view() is None
+    (tmp_path / "validation").mkdir()
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "validation" / "step-000004.png")
+    view = np.asarray(job.grid_view())
+    assert view.shape[0] == 128 + 24  # enlarged to 128 high, under a 24-pixel caption
+    assert (view[:24] < 128).any() and (view[:24] == 255).mean() > 0.5  # dark text on white
+    assert (view[24:, :256] == [255, 0, 0]).all()
 
 
 # ---- a real browser -----------------------------------------------------------------------------------
@@ -318,3 +455,98 @@ def test_browser_types_a_prompt_clicks_generate_and_sees_images(server, tmp_path
         finally:
             browser.close()
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+@pytest.fixture
+def page(server):
+    if chromium_path() is None:
+        pytest.skip("Debian's chromium is not installed (bash scripts/install_browser.sh installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = launch_browser(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(server, wait_until="networkidle")
+            yield page
+        finally:
+            browser.close()
+
+
+def set_number(page, label: str, value) -> None:
+    box = page.get_by_label(f"number input for {label}", exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_browser_a_refused_load_leaves_the_adapter_panel_usable(app, page):
+    """Problems 1 and 2: after a refused Load the ✕ still removes the adapter; the LoRA ratio reads right."""
+    from playwright.sync_api import expect
+
+    page.locator("#adapter-file input").click()
+    page.get_by_role("option", name="sks-star", exact=True).click()
+    page.locator("#load").click()
+    info = page.locator("#adapter-info")
+    expect(info).to_contain_text("trainable parameters")
+    assert re.search(r"has [\d,]+ \([\d,.]+x (more|fewer) than this adapter\)", info.inner_text())
+    assert page.locator("#prompt textarea").input_value() == "a photo of sks star"  # its trigger words, inserted
+    page.locator("#load").click()  # the same adapter again: refused
+    expect(page.locator("#adapter-msg")).to_contain_text("is already loaded")
+    page.locator("#remove-1").click(timeout=10_000)
+    expect(info).to_contain_text("No adapter loaded")
+    assert app.predict(api_name="/adapter_info") == []
+    page.locator("#load").click()  # and Load works again
+    expect(info).to_contain_text("trainable parameters")
+    assert [i["name"] for i in app.predict(api_name="/adapter_info")] == ["sks-star"]
+
+
+def test_browser_labels_seeds_and_the_upload_box(app, page, world):
+    """Problem 5: distinct step labels, no seed before a run, the sweep's seed in its own box, upload box emptied."""
+    from playwright.sync_api import expect
+
+    assert page.get_by_label("number input for Sampling steps", exact=True).count() == 1
+    expect(page.locator("#seed-used input")).to_have_count(0)  # no seed shown before anything was generated
+    page.locator("#upload input[type=file]").set_input_files(
+        str(world["adapters"] / "sks-star" / "superlora_weights.safetensors"))
+    expect(page.locator("#adapter-info")).to_contain_text("trainable parameters")
+    expect(page.locator("#upload")).not_to_contain_text("superlora_weights")  # ready for the next file
+    set_number(page, "Sampling steps", 2)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#sweep-btn").click()
+    expect(page.locator("#sweep-seed input")).to_have_value(re.compile(r"^\d+$"), timeout=60_000)
+    assert page.locator("#compare-seed input").count() == 0  # the sweep's seed is not written into Compare's box
+    page.get_by_role("tab", name="Train").click()  # (a tab's content is drawn when it is opened)
+    expect(page.get_by_label("number input for Training steps", exact=True)).to_have_count(1)
+    assert page.get_by_label("number input for Steps", exact=True).count() == 0
+
+
+def test_browser_training_loads_the_new_adapter(app, page):
+    """Problem 5: a training started in the browser ends with its adapter loaded and a captioned grid shown."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-files input[type=file]").set_input_files([str(p) for p in STAR[:3]])
+    page.get_by_label("Instance prompt").fill("a photo of sks star")
+    page.get_by_label("Adapter name (optional)").fill("browser star")
+    set_number(page, "Training steps", 3)
+    page.get_by_text("Advanced").click()
+    set_number(page, "Validation images", 1)
+    set_number(page, "Validation sampling steps", 2)
+    page.locator("#train-btn").click()
+    expect(page.locator("#adapter-msg")).to_contain_text("Loaded browser-star-", timeout=120_000)
+    expect(page.locator("#adapter-info")).to_contain_text("trainable parameters")
+    expect(page.locator("#train-grid img")).to_be_visible()
+    (info,) = app.predict(api_name="/adapter_info")
+    assert info["name"].startswith("browser-star-")
+
+
+def test_browser_dropping_a_generated_png_restores_its_settings(app, page):
+    from playwright.sync_api import expect
+
+    files, _ = generate_files(app, seed=42, steps=4, prompt="a photo of a red star", sampler="DDIM")
+    page.locator("#png-drop input[type=file]").set_input_files(files[0])
+    expect(page.locator("#prompt textarea")).to_have_value("a photo of a red star")
+    expect(page.locator("#seed input")).to_have_value("42")
+    expect(page.get_by_label("number input for Sampling steps", exact=True)).to_have_value("4")
+    expect(page.locator("#sampler input")).to_have_value("DDIM")
+    assert not page.locator("#randomize input").is_checked()  # the same seed, not a random one
