@@ -2,7 +2,7 @@
 
 Every sub-command checks its input before doing work; a user error prints one line `error: ...` on stderr
 and exits with code 2 (no traceback). Nothing that exists is overwritten unless `--force` is given.
-The work itself lives in `export.py` (and `training.py` for `train`); this file only parses and prints.
+The work itself lives in `export.py` (and the `training` package for `train`); this file only parses and prints.
 """
 
 from __future__ import annotations

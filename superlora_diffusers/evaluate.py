@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     import superlora_diffusers  # noqa: F401  (attaches the pipeline verbs)
 
     from .toy import load_toy_pipeline
-    from .training import image_grid
+    from .training.validation import image_grid
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("adapter_dir")

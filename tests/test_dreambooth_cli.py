@@ -9,16 +9,9 @@ import torch
 from PIL import Image
 
 from superlora_diffusers import count_parameters
-from superlora_diffusers.dreambooth import (
-    TrainingError,
-    choose_config_for_budget,
-    epoch_batches,
-    list_images,
-    load_examples,
-    parse_args,
-    superlora_config_from_args,
-)
-from superlora_diffusers.training import main
+from superlora_diffusers.training import TrainingError, main, parse_args
+from superlora_diffusers.training.adapter import adapter_config, choose_config_for_budget
+from superlora_diffusers.training.data import epoch_batches, list_images, load_examples
 
 SD_LIKE = [(320, 320)] * 8 + [(320, 768)] * 2 + [(640, 640)] * 8 + [(640, 768)] * 2
 
@@ -113,10 +106,10 @@ def test_param_budget_below_the_recipes_takes_the_largest_config_that_fits(budge
 
 def test_param_budget_counts_the_pivotal_embedding():
     argv = ["--instance_data_dir", "d", "--instance_prompt", "a sks star", "--param_budget", "4500"]
-    config, how = superlora_config_from_args(parse_args(argv), lambda targets: SD_LIKE, token_parameters=128)
+    config, how = adapter_config(parse_args(argv), lambda targets: SD_LIKE, token_parameters=128)
     assert config.groups == "shape" and "tucker-axes" in how  # 4,440 fits: the embedding does not train
     with_ti = parse_args(argv + ["--train_text_encoder_ti"])
-    config, how = superlora_config_from_args(with_ti, lambda targets: SD_LIKE, token_parameters=128)
+    config, how = adapter_config(with_ti, lambda targets: SD_LIKE, token_parameters=128)
     assert count_parameters(config, SD_LIKE) + 128 <= 4500 and "not measured" in how
 
 
@@ -128,12 +121,12 @@ def test_param_budget_below_anything_is_an_error():
 def test_flags_override_the_preset():
     args = parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--superlora_preset", "lorta",
                        "--rank", "3", "--groups", "2", "--fold", "4", "--projection_ratio", "0.1"])
-    config, how = superlora_config_from_args(args, lambda targets: SD_LIKE)
+    config, how = adapter_config(args, lambda targets: SD_LIKE)
     assert (config.factorization, config.rank, config.groups, config.fold) == ("tucker", 3, 2, 4)
     assert config.projection == "fastfood" and "lorta" in how
     bad = parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--superlora_preset", "lora", "--fold", "3"])
     with pytest.raises(TrainingError, match="tucker"):
-        superlora_config_from_args(bad, lambda targets: SD_LIKE)
+        adapter_config(bad, lambda targets: SD_LIKE)
 
 
 def test_train_text_encoder_adds_the_text_encoder_to_the_targets():
@@ -141,7 +134,7 @@ def test_train_text_encoder_adds_the_text_encoder_to_the_targets():
 
     def targets(*flags: str):
         args = parse_args(["--instance_data_dir", "d", "--instance_prompt", "p", "--train_text_encoder", *flags])
-        return superlora_config_from_args(args, lambda targets: SD_LIKE)[0].target_modules
+        return adapter_config(args, lambda targets: SD_LIKE)[0].target_modules
 
     assert targets() == "unet+text"
     assert targets("--target_modules", "unet+conv") == "unet+conv+text"

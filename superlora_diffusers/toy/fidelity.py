@@ -223,7 +223,8 @@ def calibrated_fidelity(images, reference_images, class_shape: str, vae=None, va
 def load_instance_images(folder: str | os.PathLike, what: str = "instance folder") -> list[Image.Image]:
     """A folder's images (sorted by name); a missing folder or one without images is a ValueError naming the fix
     (the training CLI's checks; ``what`` names the folder in the message, e.g. the option that gave it)."""
-    from ..dreambooth import TrainingError, list_images, load_image
+    from ..training.config import TrainingError
+    from ..training.data import list_images, load_image
 
     try:
         return [load_image(p) for p in list_images(folder, what)]

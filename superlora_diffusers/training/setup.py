@@ -1,0 +1,234 @@
+"""Everything a run builds before its first step: accelerator, frozen base model, data, adapter, optimiser.
+
+`Run` holds what the step and the loop read, so their functions take one argument instead of twenty.
+Only the SuperLoRA factors train: they stay fp32 whatever `--mixed_precision` is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..superlora import lora_parameter_count, versus_lora1
+from ..tokens import token_ids_for
+from .adapter import adapter_config
+from .config import TrainingConfig, TrainingError
+from .data import (
+    Examples,
+    encode_prompts,
+    epoch_batches,
+    generate_class_images,
+    latent_stats,
+    load_examples,
+)
+
+logger = logging.getLogger("superlora.dreambooth")
+
+
+@dataclass
+class Run:
+    """The state of one run that the step, the loop and the checkpoints share."""
+
+    cfg: TrainingConfig
+    accelerator: object
+    path: str  # the base model's folder
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    resolution: int = 0
+    weight_dtype: torch.dtype = torch.float32
+    instance: Examples | None = None
+    classes: Examples | None = None
+    inst_stats: torch.Tensor | None = None
+    class_stats: torch.Tensor | None = None
+    superlora: torch.nn.Module | None = None  # the one shared generator: its factors are what trains
+    superlora_model: object = None
+    config: object = None  # the SuperLoRAConfig
+    target_names: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    n_params: int = 0
+    lora1: int = 0
+    encode_every_step: bool = False
+    fixed_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def make_accelerator(cfg: TrainingConfig, output_dir: Path):
+    """accelerate's `Accelerator` for this launch, refusing set-ups it would silently get wrong."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        # several processes without CUDA: accelerate needs cpu=True to pick gloo (`accelerate launch --multi_gpu`)
+        cpu=world_size > 1 and not torch.cuda.is_available(),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
+    )
+    if accelerator.num_processes != world_size:
+        raise TrainingError(f"launched {world_size} processes but accelerate sees {accelerator.num_processes}; "
+                            "on CPU use `accelerate launch --multi_gpu --num_processes N`.")
+    if cfg.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
+        raise TrainingError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU.")
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def load_base(cfg: TrainingConfig, accelerator) -> Run:
+    """Tokenizer, text encoder, VAE, UNet and noise scheduler of the base model, frozen, on the device."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..toy import resolve_base_model
+
+    path = resolve_base_model(cfg.pretrained_model_name_or_path)
+    common = dict(revision=cfg.revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer_name or path,
+                                                  subfolder=None if cfg.tokenizer_name else "tokenizer", **common)
+        # fp32 whatever the files store (the toy's are fp16); --mixed_precision casts later, factors stay fp32
+        weights = dict(variant=cfg.variant, torch_dtype=torch.float32, **common)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise TrainingError(f"cannot load base model {cfg.pretrained_model_name_or_path!r}: {first}") from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(accelerator.device)
+    run = Run(cfg, accelerator, path, tokenizer, text_encoder, vae, unet, scheduler)
+    run.resolution = cfg.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return run
+
+
+def load_data(run: Run) -> None:
+    """Instance images, class images (generated by the base model when too few), and their VAE posteriors."""
+    cfg = run.cfg
+    run.instance = load_examples(cfg.instance_data_dir, cfg.instance_prompt, run.resolution, cfg.center_crop,
+                                 cfg.caption_extension, "--instance_data_dir")
+    if cfg.with_prior_preservation:
+        with run.accelerator.main_process_first():
+            generate_class_images(cfg, run.accelerator, run.path, (run.tokenizer, run.text_encoder, run.vae, run.unet,
+                                                                   run.noise_scheduler), run.resolution)
+        run.classes = load_examples(cfg.class_data_dir, cfg.class_prompt, run.resolution, cfg.center_crop,
+                                    cfg.caption_extension, "--class_data_dir", limit=cfg.num_class_images)
+    run.inst_stats = latent_stats(run.vae, run.instance.pixels, cfg.random_flip)
+    run.class_stats = latent_stats(run.vae, run.classes.pixels, cfg.random_flip) if run.classes else None
+
+
+def attach_adapter(run: Run) -> None:
+    """Inject the one shared SuperLoRA into the UNet (and text encoder), log its size, cast the frozen rest."""
+    from ..model import get_superlora_model, inject_superlora, target_shapes
+    from ..targets import TEXT_ENCODERS
+
+    cfg = run.cfg
+    components = {"unet": run.unet, "text_encoder": run.text_encoder}
+    token_ids = tuple(token_ids_for(run.tokenizer, cfg.token_abstraction))
+    token_dim = run.text_encoder.get_input_embeddings().embedding_dim
+    config, how = adapter_config(cfg, lambda targets: target_shapes(components, targets), len(token_ids) * token_dim)
+    if cfg.train_text_encoder_ti:  # pivotal tuning: the identifier's embedding offsets live in the same module
+        config = dataclasses.replace(config, token=cfg.token_abstraction, token_ids=token_ids, token_dim=token_dim)
+    superlora = inject_superlora(components, config)
+    run.superlora, run.config, run.superlora_model = superlora, config, get_superlora_model(components)
+    adapter = run.superlora_model.adapters["default"]
+    run.target_names, run.metadata = adapter.targets, adapter.metadata
+    if not cfg.train_text_encoder and any(n.split(".", 1)[0] in TEXT_ENCODERS for n in run.target_names):
+        raise TrainingError(f"--target_modules {cfg.target_modules} adapts the text encoder, which stays frozen; add "
+                            "--train_text_encoder.")
+    run.n_params, run.lora1 = superlora.num_parameters(), lora_parameter_count(superlora.shapes)
+    if run.accelerator.is_main_process:
+        logger.info("SuperLoRA %s", how)
+        logger.info("adapting %d weights (%s entries); trainable parameters: %s (~%.1f KB as fp32); "
+                    "a rank-1 LoRA of the same targets: %s (%s)", len(superlora.shapes), f"{superlora.layout.total:,}",
+                    f"{run.n_params:,}", 4 * run.n_params / 1024, f"{run.lora1:,}", versus_lora1(run.n_params, run.lora1))
+    for module in (run.text_encoder, run.vae, run.unet):
+        module.to(dtype=run.weight_dtype)
+    superlora.to(dtype=torch.float32)  # trainable factors stay fp32 (no "unscale FP16 gradients")
+    if cfg.gradient_checkpointing:
+        run.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            run.text_encoder.gradient_checkpointing_enable()
+    if cfg.enable_xformers_memory_efficient_attention:
+        run.unet.enable_xformers_memory_efficient_attention()
+
+
+def encode_fixed_prompts(run: Run) -> None:
+    """Text states that never change, encoded once by the base text encoder: every prompt when it stays
+    frozen, and the class prompts when the base model's prediction is the prior target."""
+    cfg = run.cfg
+    run.encode_every_step = cfg.train_text_encoder or cfg.train_text_encoder_ti
+    fixed = set() if run.encode_every_step else set(run.instance.prompts)
+    if run.classes is not None and (not run.encode_every_step or cfg.prior_loss_target == "base_model"):
+        fixed |= set(run.classes.prompts)
+    with torch.no_grad(), run.superlora_model.disable_adapter():
+        for p in sorted(fixed):
+            run.fixed_embeds[p] = encode_prompts(run.tokenizer, run.text_encoder, [p])[0].to(run.weight_dtype)
+
+
+@dataclass
+class Schedule:
+    """How many optimizer steps the run makes, over how many epochs of which items."""
+
+    items: list[int]
+    max_steps: int
+    num_epochs: int
+
+
+def make_schedule(run: Run) -> Schedule:
+    cfg, processes = run.cfg, run.accelerator.num_processes
+    items = list(range(len(run.instance.prompts))) * cfg.repeats
+    batches_per_epoch = len(epoch_batches(len(items), cfg.train_batch_size, cfg.seed, 0, 0, processes))
+    updates_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+    return Schedule(items, max_steps, math.ceil(max_steps / updates_per_epoch))
+
+
+def make_optimizer(run: Run, max_steps: int):
+    """AdamW over the factors (the embedding offsets at --text_encoder_lr) and the learning-rate schedule."""
+    from diffusers.optimization import get_scheduler
+
+    cfg, processes = run.cfg, run.accelerator.num_processes
+    params = [p for p in run.superlora.parameters() if p.requires_grad]
+    lr = cfg.learning_rate
+    ti_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * processes
+        ti_lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * processes
+    token_params = list(run.superlora.tokens.parameters()) if run.config.token is not None else []
+    groups = [{"params": [p for p in params if all(p is not t for t in token_params)], "lr": lr}]
+    if token_params:  # the embedding offsets at their own rate (diffusers' --text_encoder_lr)
+        groups.append({"params": token_params, "lr": ti_lr})
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only).") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * processes,
+                                 num_training_steps=max_steps * processes,
+                                 num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+    # The frozen UNet is not wrapped (DDP refuses a module without trainable parameters): the factors'
+    # gradients are averaged across processes by hand (step.py), and mixed precision runs under autocast.
+    return run.accelerator.prepare(optimizer, lr_scheduler)

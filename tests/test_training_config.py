@@ -1,0 +1,47 @@
+"""The trainer's shape: one `TrainingConfig` behind every flag, short functions, no imports back up into the CLI/app."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from superlora_diffusers.training import TrainingConfig, TrainingError, build_parser, parse_args
+
+PACKAGE = Path(__file__).resolve().parents[1] / "superlora_diffusers" / "training"
+
+
+def test_every_flag_is_one_field_and_back():
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert flags == {f.name for f in dataclasses.fields(TrainingConfig)}
+    config = parse_args(["--instance_data_dir", "d", "--instance_prompt", "a sks star", "--no-shuffle",
+                         "--learning_rate", "3e-3", "--resolution", "32", "--train_text_encoder_ti"])
+    assert isinstance(config, TrainingConfig) and config.shuffle is False and config.learning_rate == 3e-3
+    assert config.resolution == 32 and config.train_text_encoder_ti and config.seed == 0
+    defaults = parse_args(["--instance_data_dir", "d", "--instance_prompt", "p"])
+    assert defaults == TrainingConfig(instance_data_dir="d", instance_prompt="p")  # the parser's defaults are the fields'
+
+
+def test_a_config_built_in_code_is_checked_like_the_command_line():
+    with pytest.raises(TrainingError, match="--instance_data_dir is required"):
+        TrainingConfig(instance_prompt="p").validate()
+    with pytest.raises(TrainingError, match="--token_abstraction 'sks' is not a word"):
+        TrainingConfig(instance_data_dir="d", instance_prompt="a photo", train_text_encoder_ti=True).validate()
+
+
+def functions(tree: ast.AST):
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_the_package_reads_in_short_functions_and_never_imports_the_cli_or_app():
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in functions(tree):
+            length = fn.end_lineno - fn.lineno + 1
+            assert length < (100 if fn.name == "train" else 80), f"{path.name}:{fn.name} is {length} lines"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                name = "." * node.level + (node.module or "")
+                assert not name.startswith(("..cli", "app", "superlora_diffusers.cli")), f"{path.name} imports {name}"
