@@ -50,6 +50,9 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# --targets conv: attention and the ResNet conv1/conv2, for peft as SuperLoRA's "unet+conv" preset (the demo's layers)
+PEFT_CONV_TARGETS = r".*(\.to_q|\.to_k|\.to_v|\.to_out\.0|resnets\.\d+\.conv1|resnets\.\d+\.conv2)"
+SUPERLORA_TARGETS = {"attention": "unet", "conv": "unet+conv"}
 
 # Stable Diffusion 1.5's UNet and CLIP ViT-L text encoder configs (the same dicts as tests/test_sd_shapes.py).
 SD15_UNET = dict(
@@ -68,6 +71,7 @@ TRAIN_CONFIGS: dict[str, dict | None] = {
                                                              projection="fastfood", projection_ratio=0.1),
     "SuperLoRA lonkr K=3 G=1 r=4": dict(factorization="kronecker", groups=1, kron_splits=3, rank=4),
     "SuperLoRA Tucker axes r=8": dict(factorization="tucker", groups="shape", fold=3, rank=8),
+    "SuperLoRA tucker-axes r=1 (the demo's preset)": dict(factorization="tucker", groups="shape", fold=3, rank=1),
 }
 BASELINE = "peft LoRA r=4"
 INFERENCE_PRESET = "SuperLoRA lorta G=4 fold 3 r=4"  # the trainer's default preset
@@ -248,20 +252,22 @@ def make_batch(unet, batch: int, latent: int, device: str, dtype: torch.dtype, s
 class Adapter:
     """One training configuration attached to a UNet: its trainable parameters and how to remove it."""
 
-    def __init__(self, name: str, unet) -> None:
+    def __init__(self, name: str, unet, targets: str = "attention") -> None:
         self.name, self.unet, self.kwargs = name, unet, TRAIN_CONFIGS[name]
         if self.kwargs is None:
             from diffusers.training_utils import cast_training_params
             from peft import LoraConfig
 
-            unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=PEFT_TARGETS))
+            peft_targets = PEFT_CONV_TARGETS if targets == "conv" else PEFT_TARGETS
+            unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=peft_targets))
             cast_training_params(unet, torch.float32)  # as diffusers' LoRA scripts do under mixed precision
             self.params = [p for p in unet.parameters() if p.requires_grad]
             self.module = None
         else:
             from superlora_diffusers import SuperLoRAConfig, inject_superlora
 
-            self.module = inject_superlora({"unet": unet}, SuperLoRAConfig(**self.kwargs, target_modules="unet"))
+            config = SuperLoRAConfig(**self.kwargs, target_modules=SUPERLORA_TARGETS[targets])
+            self.module = inject_superlora({"unet": unet}, config)
             self.params = list(self.module.parameters())  # fp32 whatever the UNet's dtype (as the trainer)
 
     def num_parameters(self) -> int:
@@ -318,7 +324,7 @@ def train_memory_child(spec: dict) -> dict:
     batch = make_batch(unet, spec["batch"], spec["latent"], device, dtype)
     memory = PeakMemory(device)
     baseline = memory.reset()
-    adapter = Adapter(spec["config"], unet)
+    adapter = Adapter(spec["config"], unet, spec["targets"])
     optimizer = torch.optim.AdamW(adapter.params, lr=1e-4)
     times = [timed(lambda: train_step(unet, optimizer, batch), device) for _ in range(spec["steps"])]
     peak = memory.peak()
@@ -339,7 +345,7 @@ def train_timing(model: str, args, attention: str) -> dict:
     generation = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            adapter = Adapter(name, unet)
+            adapter = Adapter(name, unet, args.targets)
             optimizer = torch.optim.AdamW(adapter.params, lr=1e-4)
             for _ in range(warmup if r == 0 else 0):  # one-time costs (kernel set-up) land in the first round
                 train_step(unet, optimizer, batch)
@@ -378,7 +384,7 @@ def section_training(model: str, args, attention: str) -> dict:
     if args.memory and not (args.quick and model == "sd15" and args.device == "cpu"):
         for name in TRAIN_CONFIGS:
             spec = dict(model=model, config=name, device=args.device, dtype=args.dtype, attention=attention,
-                        batch=batch_size, latent=latent, steps=args.memory_steps)
+                        batch=batch_size, latent=latent, steps=args.memory_steps, targets=args.targets)
             memory[name] = in_fresh_process(train_memory_child, spec)
             print(f"  [{model} memory] {name}: +{memory[name]['extra_mb']:.0f} MB "
                   f"(peak {memory[name]['peak_mb']:.0f} MB)", file=sys.stderr, flush=True)
@@ -396,7 +402,8 @@ def section_training(model: str, args, attention: str) -> dict:
                        extra_ratio=m["extra_mb"] / b["extra_mb"], peak_ratio=m["peak_mb"] / b["peak_mb"],
                        seconds_fresh_process=m["seconds_fresh_process"])
         rows.append(row)
-    return dict(model=timing["model"], attention=attention, batch=timing["batch"], latent=timing["latent"], rows=rows)
+    return dict(model=timing["model"], attention=attention, targets=args.targets, batch=timing["batch"],
+                latent=timing["latent"], rows=rows)
 
 
 # ---- section 2: inference ----------------------------------------------------------------------------
@@ -585,7 +592,7 @@ def markdown(results: dict) -> str:
                    "timing for SD-1.5); its ratios are not results.")
     for t in results["training"]:
         out.append(f"\n### Training step: {t['model']} (batch {t['batch']}, {t['latent']}x{t['latent']} latent, "
-                   f"attention {t['attention']})\n")
+                   f"attention {t['attention']}, adapted: {t.get('targets', 'attention')})\n")
         out.append("| config | trainable params | step (s) | step ratio vs LoRA: median of rounds (min-max) | "
                    "ΔW gen+bwd alone (s) | extra peak (MB) | extra ratio | total peak (MB) | total ratio |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -645,6 +652,9 @@ def main() -> None:
     parser.add_argument("--sections", default="train,infer,files", help="comma list of train, infer, files")
     parser.add_argument("--configs", default=None,
                         help="comma list of TRAIN_CONFIGS names to train (default: all; peft LoRA r=4 always runs)")
+    parser.add_argument("--targets", choices=["attention", "conv"], default="attention",
+                        help="training section: the UNet's attention projections (default), or also its ResNet "
+                             "conv1/conv2, the README demo's UNet layers (peft LoRA r=4 on the same layers)")
     parser.add_argument("--attention", default="auto",
                         help="sdpa, xformers, or auto (sdpa; on CUDA also xformers when it imports)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 4, quick 1)")
