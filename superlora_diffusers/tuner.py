@@ -262,6 +262,7 @@ class SuperLoRALayer(BaseTunerLayer):
         return total, factored
 
     def _factored_ok(self) -> bool:
+        """Whether x·Aᵀ·Bᵀ can stand in for this layer's ΔW (Conv2d narrows it)."""
         return True
 
     @abstractmethod
@@ -272,12 +273,9 @@ class SuperLoRALayer(BaseTunerLayer):
     def _low_rank_forward(self, x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """x·Aᵀ·Bᵀ in this layer's kind of operation."""
 
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return False
 
-
-class Linear(nn.Module, SuperLoRALayer):
-    """SuperLoRA around an `nn.Linear`: x·(W + ΔW)ᵀ + b in one matmul."""
+class _Wrapper(nn.Module, SuperLoRALayer):
+    """The module part shared by `Linear` and `Conv2d` (nn.Module first, as peft's layers, so `forward` is ours)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, generator: SharedGenerator, slot: int,
                  inference_mode: bool = False) -> None:
@@ -288,6 +286,13 @@ class Linear(nn.Module, SuperLoRALayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._adapted_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "superlora." + super().__repr__()
+
+
+class Linear(_Wrapper):
+    """SuperLoRA around an `nn.Linear`: x·(W + ΔW)ᵀ + b in one matmul."""
 
     def _forward_with_delta(self, x: torch.Tensor, delta: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.base_layer
@@ -300,22 +305,9 @@ class Linear(nn.Module, SuperLoRALayer):
     def _low_rank_forward(self, x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, a), b)
 
-    def __repr__(self) -> str:
-        return "superlora." + super().__repr__()
 
-
-class Conv2d(nn.Module, SuperLoRALayer):
+class Conv2d(_Wrapper):
     """SuperLoRA around an `nn.Conv2d`: ΔW's (d_out, d_in·k_h·k_w) matrix viewed as the kernel."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, generator: SharedGenerator, slot: int,
-                 inference_mode: bool = False) -> None:
-        super().__init__()
-        SuperLoRALayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, generator, slot, inference_mode)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._adapted_forward(x, *args, **kwargs)
 
     def _factored_ok(self) -> bool:
         conv = self.get_base_layer()  # x·Aᵀ·Bᵀ as two convs needs a plain zero-padded conv
@@ -335,9 +327,6 @@ class Conv2d(nn.Module, SuperLoRALayer):
         conv = self.get_base_layer()
         h = F.conv2d(x, a.reshape(a.shape[0], *conv.weight.shape[1:]), None, conv.stride, conv.padding, conv.dilation)
         return F.conv2d(h, b[..., None, None])
-
-    def __repr__(self) -> str:
-        return "superlora." + super().__repr__()
 
 
 # ---- targets ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from conftest import generate, tiny_pipeline
-from superlora_diffusers import SuperLoRAConfig, count_parameters
+from superlora_diffusers import SuperLoRAConfig, config_from_preset, count_parameters
 from superlora_diffusers.targets import find_targets, layer_shape
 from superlora_diffusers.tuner import GENERATORS, Conv2d, Linear, SharedGenerator, SuperLoRATuner
 
@@ -148,6 +148,23 @@ def test_pipeline_verbs_mix_a_peft_lora_and_a_superlora():
     torch.testing.assert_close(run(unet), lora_only)
 
 
+def test_a_peft_lora_added_after_a_superlora_wraps_it():
+    unet = tiny_pipeline().unet
+    unet.add_adapter(SuperLoRAConfig.lorta(**LORTA), "star")
+    perturb(generator(unet))
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=ATTENTION, init_lora_weights=False), "my_lora")
+    unet.set_adapters(["star", "my_lora"], [0.5, 1.0])
+    layer = first_to_q(unet)  # peft's LoRA around the SuperLoRA around the Linear
+    assert isinstance(layer.base_layer, Linear)
+    base = layer.get_base_layer()
+    x = torch.randn(3, base.in_features)
+    with torch.no_grad():
+        delta = layer.get_delta_weight("my_lora") + 0.5 * generator(unet).deltas()[layer.base_layer.superlora_slot["star"]]
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, base.weight + delta, base.bias),
+                                   atol=1e-5, rtol=1e-5)
+
+
 # ---- (c) torch.compile with an unfused SuperLoRA ----------------------------------------------------------
 @pytest.mark.slow  # tiny model, but tracing a UNet takes ~20 s per mode on a busy CPU
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
@@ -239,9 +256,10 @@ def test_delta_is_generated_once_per_forward_and_cached_until_a_factor_changes()
     assert gen.generations == before + 3
 
 
-def test_lora_preset_trains_on_the_factored_path_without_generating():
+@pytest.mark.parametrize("preset", ["lora", "tucker-axes"])
+def test_factored_presets_train_on_x_a_b_without_generating(preset):
     unet = tiny_pipeline().unet
-    unet.add_adapter(SuperLoRAConfig.lora(rank=2), "star")
+    unet.add_adapter(config_from_preset(preset, rank=2), "star")
     gen = generator(unet)
     perturb(gen)
     with torch.no_grad():
