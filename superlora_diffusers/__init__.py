@@ -1,6 +1,8 @@
 """SuperLoRA for Hugging Face diffusers: one tiny shared tensor generates every attention ΔW.
 
-Importing the package attaches `load_superlora_weights` and its sibling verbs to diffusers pipelines.
+Importing the package attaches `load_superlora_weights` and its sibling verbs to diffusers pipelines, and
+registers "SUPERLORA" with peft (`tuner.register`), so `unet.add_adapter(SuperLoRAConfig(...))` and
+`peft.get_peft_model(model, SuperLoRAConfig(...))` work.
 """
 
 __version__ = "0.1.0"
@@ -11,15 +13,20 @@ from .model import SuperLoRAModel, inject_superlora
 from .serialization import WEIGHT_NAME, SuperLoRAFileError
 from .superlora import SuperLoRA, count_parameters, lora_parameter_count
 from .targets import find_targets
+from .tuner import SharedGenerator, SuperLoRALayer, SuperLoRATuner, register
 
 attach()
+register()
 
 __all__ = [
     "PRESETS",
     "WEIGHT_NAME",
+    "SharedGenerator",
     "SuperLoRA",
     "SuperLoRAConfig",
     "SuperLoRAFileError",
+    "SuperLoRALayer",
+    "SuperLoRATuner",
     "SuperLoRALoaderMixin",
     "SuperLoRAModel",
     "config_from_preset",

@@ -3,13 +3,22 @@
 One configuration space spans LoRA, LoKr, group-wise LoRA, LoNKr and LoRTA (Tucker); the named
 constructors below build those special cases. The config is stored as JSON in the adapter file's
 header, so `to_dict` / `from_dict` must round-trip exactly.
+
+It is also a `peft.PeftConfig` (peft type "SUPERLORA", registered by `tuner.py`), so `unet.add_adapter(config)`
+and `peft.get_peft_model(model, config)` accept it. peft's own fields (`peft_type`, `task_type`, ...) never reach
+the adapter file's header: `to_dict` is today's dict, and only peft's `adapter_config.json` carries them.
 """
 
 from __future__ import annotations
 
 import math
+import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Union
+
+from peft import PeftConfig
+from peft.utils import CONFIG_NAME
 
 Factorization = Literal["lora", "kronecker", "tucker"]
 Projection = Literal["none", "fastfood", "gaussian"]
@@ -18,10 +27,11 @@ Groups = Union[int, Literal["weight", "shape"]]
 FACTORIZATIONS = ("lora", "kronecker", "tucker")
 PROJECTIONS = ("none", "fastfood", "gaussian")
 CONFIG_VERSION = 1
+PEFT_TYPE = "SUPERLORA"  # peft's name for the method (see tuner.register); not a PeftType member
 
 
-@dataclass
-class SuperLoRAConfig:
+@dataclass(kw_only=True)
+class SuperLoRAConfig(PeftConfig):
     """Hyper-parameters of a SuperLoRA adapter (see docs and `../shared/superlora-method.md`).
 
     Args:
@@ -43,8 +53,8 @@ class SuperLoRAConfig:
         kron_splits: number K of Kronecker factors (2 = LoKr, >= 3 = LoNKr).
         kron_factor: LyCORIS-style size of the small factors (-1: balanced, as small as possible).
         kron_decompose_both: also factor the first (small) Kronecker factor at rank r.
-        target_modules: which layers to adapt, read by the diffusers integration (a preset name or a
-            list of module-name regexes).
+        target_modules: which layers to adapt: a preset name ("unet", "unet+conv", ...; see `targets.PRESETS`),
+            a list of module names or patterns, or (peft's form) one regex string matched against full module names.
         token: pivotal tuning (diffusers' `--train_text_encoder_ti`): the identifier word (e.g. "sks") whose
             input embedding trains beside the factors, as an offset on each of its `token_ids` (the first text
             encoder's tokenizer ids, checked on load) of width `token_dim`. None: no embedding trains.
@@ -71,11 +81,13 @@ class SuperLoRAConfig:
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # peft fills peft_version
+        self.peft_type = PEFT_TYPE
         if self.fold_shape is not None:
             self.fold_shape = tuple(int(n) for n in self.fold_shape)
         self.token_ids = tuple(int(i) for i in self.token_ids)
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
+        if isinstance(self.target_modules, (tuple, set)):  # peft may hand back a set of names
+            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(self.target_modules)
         self.validate()
 
     @property
@@ -146,8 +158,18 @@ class SuperLoRAConfig:
             raise ValueError("groups='shape' keeps the weights' own axes: turn off shuffle, projection and fold_shape.")
 
     # --- serialisation (the config lives in file metadata) -------------------------------------------
+    @classmethod
+    def own_fields(cls) -> list[str]:
+        """The SuperLoRA fields, in declaration order: the adapter file header's keys (peft's are not among them)."""
+        inherited = {f.name for f in fields(PeftConfig)}
+        return [f.name for f in fields(cls) if f.name not in inherited]
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The adapter file header's config: exactly the SuperLoRA fields, as every release has written them."""
+        full = asdict(self)
+        d = {name: full[name] for name in self.own_fields()}
+        if isinstance(d["target_modules"], set):
+            d["target_modules"] = sorted(d["target_modules"])
         if d["fold_shape"] is not None:
             d["fold_shape"] = list(d["fold_shape"])
         if self.token is None:  # files without pivotal tuning stay readable by releases that predate it
@@ -156,9 +178,19 @@ class SuperLoRAConfig:
             d["token_ids"] = list(d["token_ids"])
         return d
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's `adapter_config.json`: the SuperLoRA fields plus peft's own (its loader dispatches on peft_type)."""
+        os.makedirs(save_directory, exist_ok=True)
+        peft_fields = {f.name: getattr(self, f.name) for f in fields(PeftConfig)}
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping is not None:
+            peft_fields["auto_mapping"] = auto_mapping
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            f.write(json.dumps({**peft_fields, **self.to_dict()}, indent=2, sort_keys=True))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SuperLoRAConfig":
-        known = {f.name for f in fields(cls)}
+        known = set(cls.own_fields())
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(
