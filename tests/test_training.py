@@ -162,3 +162,42 @@ def test_prior_loss_target_base_model_regresses_the_class_batch_onto_the_frozen_
     else:  # ΔW starts at zero, so the adapted model IS the base one: nothing to pull back yet...
         assert prior[0] < 1e-10
         assert prior[2] > 1e-8  # ...until the factors move; the base prediction ran with the adapter off
+
+
+def test_a_peft_lora_trains_resumes_exactly_and_loads_with_load_lora_weights(base_dir, tmp_path):
+    """--adapter lora: the same loop on peft LoRA (UNet + CLIP), saved as diffusers' LoRA file."""
+    common = ("--adapter", "lora", "--rank", "2", "--lora_alpha", "4", "--train_text_encoder", "--max_train_steps", "4",
+              "--checkpointing_steps", "2", "--train_batch_size", "2", "--use_ema", "--learning_rate", "1e-2")
+    straight = train(base_dir, tmp_path / "a", *common)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert "peft LoraConfig on" in straight.stderr and "trainable parameters:" in straight.stderr
+    interrupted = tmp_path / "b"
+    interrupted.mkdir()
+    subprocess.run(["cp", "-r", str(tmp_path / "a" / "checkpoint-2"), str(interrupted)], check=True)
+    resumed = train(base_dir, interrupted, *common, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = factors(tmp_path / "a" / "pytorch_lora_weights.safetensors"), factors(interrupted / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("text_encoder.") for k in a) and any(k.startswith("unet.") for k in a)
+    assert "# peft Lora DreamBooth adapter" in (tmp_path / "a" / "README.md").read_text()
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    pipe.load_lora_weights(str(tmp_path / "a"))
+    assert not torch.equal(generate(pipe), base)
+    scalings = {v for m in pipe.unet.modules() for v in getattr(m, "scaling", {}).values()}
+    assert scalings == {2.0}  # --lora_alpha 4 / --rank 2, read back from the file's config
+
+
+def test_a_shared_peft_tuner_trains_and_reloads_as_a_peft_folder(base_dir, tmp_path):
+    """--adapter vera: one VeRA over the UNet's attention, saved as peft's folder (diffusers has no loader)."""
+    from peft import PeftModel
+
+    out = tmp_path / "vera"
+    run = train(base_dir, out, "--adapter", "vera", "--rank", "4", "--max_train_steps", "2", "--train_batch_size", "2",
+                "--learning_rate", "1e-2")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    PeftModel.from_pretrained(torch.nn.ModuleDict({"unet": pipe.unet}), str(out))
+    assert not torch.equal(generate(pipe), base)

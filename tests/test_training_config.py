@@ -45,3 +45,12 @@ def test_the_package_reads_in_short_functions_and_never_imports_the_cli_or_app()
             if isinstance(node, ast.ImportFrom):
                 name = "." * node.level + (node.module or "")
                 assert not name.startswith(("..cli", "app", "superlora_diffusers.cli")), f"{path.name} imports {name}"
+
+
+def test_peft_adapters_refuse_superlora_only_options_up_front():
+    base = ["--instance_data_dir", "d", "--instance_prompt", "a sks star"]
+    with pytest.raises(TrainingError, match="--adapter vera adapts nn.Linear layers only"):
+        parse_args(base + ["--adapter", "vera", "--target_modules", "unet+conv"])
+    with pytest.raises(TrainingError, match="--train_text_encoder_ti and --param_budget are SuperLoRA's"):
+        parse_args(base + ["--adapter", "lora", "--train_text_encoder_ti"])
+    assert parse_args(base + ["--adapter", "lokr", "--target_modules", "unet+conv"]).adapter == "lokr"

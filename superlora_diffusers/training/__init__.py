@@ -5,7 +5,8 @@
 
 `config.py` (every option; the flags are generated from it) → `setup.py` (accelerator, base model, data,
 adapter, optimiser) → `step.py` (one batch and its loss) → `trainer.py` (`train`, the loop, `main`), with
-`data.py`, `checkpoints.py` and `validation.py` beside them. Two choices differ from diffusers' script, both
+`data.py`, `checkpoints.py`, `validation.py` and `adapters.py` (what trains: SuperLoRA, or a peft method by
+`--adapter`) beside them. Two choices differ from diffusers' script, both
 for exact, testable resumes: every random draw of a step comes from a generator seeded by (seed, step,
 process), and the tiny image sets are preprocessed once instead of going through a DataLoader.
 """

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from ..serialization import WEIGHT_NAME
+from .adapters import LORA_WEIGHTS, PEFT_FOLDER_WEIGHTS
 from .config import TrainingError
 from .setup import Run
 
 logger = logging.getLogger("superlora.dreambooth")
 STATE_FILE = "superlora_training_state.json"
-EMA_WEIGHT_NAME = "superlora_weights_ema.safetensors"
+FINAL_NAMES = (WEIGHT_NAME, LORA_WEIGHTS, PEFT_FOLDER_WEIGHTS)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -51,11 +52,11 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
-    if (output_dir / WEIGHT_NAME).exists() and not overwrite and not resuming:
-        raise TrainingError(
-            f"{str(output_dir / WEIGHT_NAME)!r} already exists; pass --overwrite_output_dir to replace it or pick "
-            "another --output_dir."
-        )
+    """Never replace a finished adapter (any kind's final file) unless asked."""
+    for name in FINAL_NAMES:
+        if (output_dir / name).exists() and not overwrite and not resuming:
+            raise TrainingError(f"{str(output_dir / name)!r} already exists; pass --overwrite_output_dir to replace "
+                                "it or pick another --output_dir.")
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None, save_weights) -> Path:
@@ -79,14 +80,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None,
     return final
 
 
-def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
-    from ..serialization import parse_superlora, read_superlora_file
-
-    return parse_superlora(*read_superlora_file(path), source=repr(str(path))).state_dict
-
-
 class AdapterEMA:
-    """An exponential moving average of the trainable factors, swapped in to validate and to save.
+    """An exponential moving average of the trainable parameters, swapped in to validate and to save.
 
     Decay as diffusers' `EMAModel`: min(decay, (1 + step) / (10 + step)), so the average follows the
     fast early steps and then smooths the step-to-step jitter of a constant learning rate.
@@ -116,10 +111,11 @@ class AdapterEMA:
                 for name, p in self.params.items():
                     p.copy_(saved[name])
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, t in self.shadow.items():
-            t.copy_(state[name])
-
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Take the parameters as they are now as the average (resume: the checkpoint's EMA file, loaded)."""
+        for name, p in self.params.items():
+            self.shadow[name].copy_(p.detach())
 
 
 def averaged(ema: AdapterEMA | None):
@@ -127,20 +123,15 @@ def averaged(ema: AdapterEMA | None):
     return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
 
-def save_weights(run: Run, path: Path, extra: dict[str, str] | None = None) -> None:
-    """The adapter file of `run`'s factors as they are now (the format `load_superlora_weights` reads)."""
-    from ..serialization import save_superlora_file
-
-    save_superlora_file(path, run.superlora, run.target_names, {**run.metadata, **(extra or {})}, overwrite=True)
-
-
 def checkpoint(run: Run, step: int, ema: AdapterEMA | None) -> Path:
     """checkpoint-`step`: accelerate's state, the raw factors (to resume from) and, with EMA, their average."""
+    adapter = run.adapter
+
     def write_weights(directory: Path) -> None:
-        save_weights(run, directory / WEIGHT_NAME)
+        adapter.save(directory / adapter.weight_name)
         if ema is not None:
             with ema.swapped_in():
-                save_weights(run, directory / EMA_WEIGHT_NAME)
+                adapter.save(directory / adapter.ema_weight_name)
 
     return save_checkpoint(run.accelerator, Path(run.cfg.output_dir), step, run.cfg.checkpoints_total_limit,
                            write_weights)
@@ -149,11 +140,15 @@ def checkpoint(run: Run, step: int, ema: AdapterEMA | None) -> Path:
 def restore(run: Run, resume: Path, ema: AdapterEMA | None) -> int:
     """Load checkpoint `resume` into the run (optimizer, scheduler, RNG, factors, EMA); its step."""
     run.accelerator.load_state(str(resume))
-    run.superlora.load_state_dict(load_checkpoint_weights(resume / WEIGHT_NAME))
+    adapter = run.adapter
+    adapter.load(resume / adapter.weight_name)
     if ema is not None:
-        if not (resume / EMA_WEIGHT_NAME).is_file():
-            raise TrainingError(f"{resume} holds no EMA weights ({EMA_WEIGHT_NAME}); resume it without --use_ema.")
-        ema.load_state_dict(load_checkpoint_weights(resume / EMA_WEIGHT_NAME))
+        if not (resume / adapter.ema_weight_name).is_file():
+            raise TrainingError(f"{resume} holds no EMA weights ({adapter.ema_weight_name}); resume it without "
+                                "--use_ema.")
+        with ema.swapped_in():  # read the average through the adapter, then keep it as the shadow
+            adapter.load(resume / adapter.ema_weight_name)
+            ema.capture()
     step = json.loads((resume / STATE_FILE).read_text())["global_step"]
     logger.info("resumed from %s at step %d", resume, step)
     return step

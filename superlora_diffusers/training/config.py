@@ -61,13 +61,19 @@ class TrainingConfig:
     repeats: int = option(1, "repeat the instance images this many times per epoch", DATA)
     caption_extension: str = option(".txt", "per-image caption files <image><ext> override the prompt", DATA)
     # the adapter
+    adapter: str = option("superlora", "what trains: one shared SuperLoRA, or a peft method on the same layers (saved "
+                          "for pipe.load_lora_weights for lora, else as peft's folder)", ADAPTER,
+                          ["superlora", "lora", "lokr", "loha", "vera", "vblora", "unilora", "tinylora"])
+    lora_alpha: float | None = option(None, "peft methods: their alpha (default: --rank)", ADAPTER)
+    peft_kwargs: str | None = option(None, "peft methods: more fields of their config, as JSON (e.g. VB-LoRA's "
+                                     "'{\"num_vectors\": 27, \"vector_length\": 32}')", ADAPTER)
     superlora_preset: str = option("lorta", "special case of the method to start from; the flags below override it",
                                    ADAPTER, sorted(PRESETS))
     param_budget: int | None = option(None, "the best measured recipe that fits this many trainable parameters (the "
                                       "embedding of --train_text_encoder_ti included); below all of them, the "
                                       "largest configuration that fits", ADAPTER)
     factorization: str | None = option(None, group=ADAPTER, choices=["lora", "kronecker", "tucker"])
-    rank: int | None = option(None, group=ADAPTER)
+    rank: int | None = option(None, "SuperLoRA's rank over the preset's; peft methods' r (default 4)", ADAPTER)
     alpha: float | None = option(None, "ΔW is scaled by alpha/rank (default alpha = rank)", ADAPTER)
     groups: str | None = option(None, "number of groups G, 'weight' for one per weight, or 'shape' for a Tucker over "
                                 "(layer, d_out, d_in) of each shape's weights (with --factorization tucker --fold 3)",
@@ -158,6 +164,13 @@ class TrainingConfig:
         if self.train_text_encoder_ti and self.token_abstraction not in self.instance_prompt.split():
             raise TrainingError(f"--token_abstraction {self.token_abstraction!r} is not a word of --instance_prompt "
                                 f"{self.instance_prompt!r}; name the identifier word the prompt uses.")
+        if self.adapter != "superlora" and (self.train_text_encoder_ti or self.param_budget is not None):
+            raise TrainingError(f"--adapter {self.adapter} trains a peft method; --train_text_encoder_ti and "
+                                "--param_budget are SuperLoRA's (drop them, or use --adapter superlora).")
+        linear_only = self.adapter in ("vera", "vblora", "unilora", "tinylora")
+        if linear_only and "conv" in (self.target_modules or ""):
+            raise TrainingError(f"--adapter {self.adapter} adapts nn.Linear layers only; drop the convs from "
+                                "--target_modules (or train lora, lokr or loha there).")
         if not 0 <= self.ema_decay < 1:
             raise TrainingError(f"--ema_decay must be in [0, 1), got {self.ema_decay}; 0.99 averages about 100 steps.")
         return self

@@ -6,7 +6,6 @@ Only the SuperLoRA factors train: they stay fp32 whatever `--mixed_precision` is
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -15,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..superlora import lora_parameter_count, versus_lora1
-from ..tokens import token_ids_for
-from .adapter import adapter_config
+from .adapters import build_adapter
 from .config import TrainingConfig, TrainingError
 from .data import (
     Examples,
@@ -49,13 +46,7 @@ class Run:
     classes: Examples | None = None
     inst_stats: torch.Tensor | None = None
     class_stats: torch.Tensor | None = None
-    superlora: torch.nn.Module | None = None  # the one shared generator: its factors are what trains
-    superlora_model: object = None
-    config: object = None  # the SuperLoRAConfig
-    target_names: list[str] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
-    n_params: int = 0
-    lora1: int = 0
+    adapter: object = None  # what trains (adapters.py): its parameters are the only trainable ones
     encode_every_step: bool = False
     fixed_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -134,33 +125,20 @@ def load_data(run: Run) -> None:
 
 
 def attach_adapter(run: Run) -> None:
-    """Inject the one shared SuperLoRA into the UNet (and text encoder), log its size, cast the frozen rest."""
-    from ..model import get_superlora_model, inject_superlora, target_shapes
+    """Attach what `--adapter` trains to the UNet (and text encoder), then cast the frozen rest."""
+    from diffusers.training_utils import cast_training_params
+
     from ..targets import TEXT_ENCODERS
 
     cfg = run.cfg
-    components = {"unet": run.unet, "text_encoder": run.text_encoder}
-    token_ids = tuple(token_ids_for(run.tokenizer, cfg.token_abstraction))
-    token_dim = run.text_encoder.get_input_embeddings().embedding_dim
-    config, how = adapter_config(cfg, lambda targets: target_shapes(components, targets), len(token_ids) * token_dim)
-    if cfg.train_text_encoder_ti:  # pivotal tuning: the identifier's embedding offsets live in the same module
-        config = dataclasses.replace(config, token=cfg.token_abstraction, token_ids=token_ids, token_dim=token_dim)
-    superlora = inject_superlora(components, config)
-    run.superlora, run.config, run.superlora_model = superlora, config, get_superlora_model(components)
-    adapter = run.superlora_model.adapters["default"]
-    run.target_names, run.metadata = adapter.targets, adapter.metadata
-    if not cfg.train_text_encoder and any(n.split(".", 1)[0] in TEXT_ENCODERS for n in run.target_names):
+    run.adapter = build_adapter(cfg, run.tokenizer, run.unet, run.text_encoder, log=run.accelerator.is_main_process)
+    targets = getattr(run.adapter, "targets", [])
+    if not cfg.train_text_encoder and any(n.split(".", 1)[0] in TEXT_ENCODERS for n in targets):
         raise TrainingError(f"--target_modules {cfg.target_modules} adapts the text encoder, which stays frozen; add "
                             "--train_text_encoder.")
-    run.n_params, run.lora1 = superlora.num_parameters(), lora_parameter_count(superlora.shapes)
-    if run.accelerator.is_main_process:
-        logger.info("SuperLoRA %s", how)
-        logger.info("adapting %d weights (%s entries); trainable parameters: %s (~%.1f KB as fp32); "
-                    "a rank-1 LoRA of the same targets: %s (%s)", len(superlora.shapes), f"{superlora.layout.total:,}",
-                    f"{run.n_params:,}", 4 * run.n_params / 1024, f"{run.lora1:,}", versus_lora1(run.n_params, run.lora1))
     for module in (run.text_encoder, run.vae, run.unet):
         module.to(dtype=run.weight_dtype)
-    superlora.to(dtype=torch.float32)  # trainable factors stay fp32 (no "unscale FP16 gradients")
+    cast_training_params(run.adapter.module, torch.float32)  # what trains stays fp32 (no "unscale FP16 gradients")
     if cfg.gradient_checkpointing:
         run.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -177,7 +155,7 @@ def encode_fixed_prompts(run: Run) -> None:
     fixed = set() if run.encode_every_step else set(run.instance.prompts)
     if run.classes is not None and (not run.encode_every_step or cfg.prior_loss_target == "base_model"):
         fixed |= set(run.classes.prompts)
-    with torch.no_grad(), run.superlora_model.disable_adapter():
+    with torch.no_grad(), run.adapter.disabled():
         for p in sorted(fixed):
             run.fixed_embeds[p] = encode_prompts(run.tokenizer, run.text_encoder, [p])[0].to(run.weight_dtype)
 
@@ -201,20 +179,16 @@ def make_schedule(run: Run) -> Schedule:
 
 
 def make_optimizer(run: Run, max_steps: int):
-    """AdamW over the factors (the embedding offsets at --text_encoder_lr) and the learning-rate schedule."""
+    """AdamW over the adapter (SuperLoRA's embedding offsets at --text_encoder_lr) and the learning-rate schedule."""
     from diffusers.optimization import get_scheduler
 
     cfg, processes = run.cfg, run.accelerator.num_processes
-    params = [p for p in run.superlora.parameters() if p.requires_grad]
     lr = cfg.learning_rate
     ti_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * processes
         ti_lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * processes
-    token_params = list(run.superlora.tokens.parameters()) if run.config.token is not None else []
-    groups = [{"params": [p for p in params if all(p is not t for t in token_params)], "lr": lr}]
-    if token_params:  # the embedding offsets at their own rate (diffusers' --text_encoder_lr)
-        groups.append({"params": token_params, "lr": ti_lr})
+    groups = run.adapter.param_groups(lr, ti_lr)
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb

@@ -52,7 +52,7 @@ def make_batch(run: Run, rows: list[int], micro: int) -> Batch:
 def base_prediction(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """The frozen base model's output for the class rows: the target of `--prior_loss_target base_model`."""
     hidden = torch.stack([run.fixed_embeds[p] for p in prompts]).to(run.device)
-    with run.superlora_model.disable_adapter(), run.accelerator.autocast():
+    with run.adapter.disabled(), run.accelerator.autocast():
         return run.unet(noisy, timesteps, hidden).sample
 
 
@@ -96,7 +96,7 @@ def check_finite(run: Run, loss: torch.Tensor, step: int, last_checkpoint) -> No
 
 def update(run: Run, loss: torch.Tensor, optimizer, lr_scheduler) -> None:
     """Backward, then (at the end of an accumulation) average across processes, clip, and step."""
-    accelerator, params = run.accelerator, [p for p in run.superlora.parameters() if p.requires_grad]
+    accelerator, params = run.accelerator, [p for p in run.adapter.module.parameters() if p.requires_grad]
     accelerator.backward(loss)
     if accelerator.sync_gradients and accelerator.num_processes > 1:
         for p in params:

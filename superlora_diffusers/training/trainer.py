@@ -10,8 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..serialization import WEIGHT_NAME
-from .checkpoints import AdapterEMA, averaged, check_output_dir, checkpoint, list_checkpoints, resolve_resume, restore, save_weights
+from .checkpoints import AdapterEMA, averaged, check_output_dir, checkpoint, list_checkpoints, resolve_resume, restore
 from .config import TrainingConfig, TrainingError, parse_args
 from .data import epoch_batches, list_images
 from .setup import Run, Schedule, attach_adapter, encode_fixed_prompts, load_base, load_data, make_accelerator, make_optimizer, make_schedule
@@ -37,7 +36,7 @@ def train(cfg: TrainingConfig, on_step: OnStep | None = None) -> Path:
     encode_fixed_prompts(run)
     schedule = make_schedule(run)
     optimizer, lr_scheduler = make_optimizer(run, schedule.max_steps)
-    ema = AdapterEMA(run.superlora, cfg.ema_decay) if cfg.use_ema else None
+    ema = AdapterEMA(run.adapter.module, cfg.ema_decay) if cfg.use_ema else None
     step = restore(run, resume, ema) if resume is not None else 0
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("superlora-dreambooth", config={k: v for k, v in vars(cfg).items()
@@ -46,13 +45,13 @@ def train(cfg: TrainingConfig, on_step: OnStep | None = None) -> Path:
     step = loop(run, schedule, optimizer, lr_scheduler, ema, step, on_step)
     accelerator.wait_for_everyone()
     check_replicas(run)
-    weights = output_dir / WEIGHT_NAME
+    weights = output_dir / run.adapter.weight_name
     if accelerator.is_main_process:
         logger.info("trained %d steps in %.0f s", step, time.time() - t0)
         with averaged(ema):  # with --use_ema the file holds the average
-            save_weights(run, weights, {"instance_prompt": cfg.instance_prompt,
-                                        "base_model": str(cfg.pretrained_model_name_or_path)})
-        final_validation(cfg, accelerator, run.path, weights, run.resolution, run.n_params, run.lora1, run.config)
+            weights = run.adapter.export(output_dir, {"instance_prompt": cfg.instance_prompt,
+                                                      "base_model": str(cfg.pretrained_model_name_or_path)})
+        final_validation(cfg, run.path, weights, run.resolution, run.adapter)
     accelerator.end_training()
     return weights
 
@@ -94,7 +93,7 @@ def loop(run: Run, schedule: Schedule, optimizer, lr_scheduler, ema: AdapterEMA 
                 if cfg.validation_prompt and step % cfg.validation_steps == 0 and accelerator.is_main_process:
                     with averaged(ema):
                         validate(cfg, accelerator, run.path, (run.tokenizer, run.text_encoder, run.vae, run.unet),
-                                 run.noise_scheduler, run.resolution, step, run.superlora)
+                                 run.noise_scheduler, run.resolution, step, run.adapter.module)
                     train_mode(run)
             if step >= schedule.max_steps:
                 break
@@ -122,11 +121,11 @@ def report(run: Run, step: int, max_steps: int, loss: dict[str, torch.Tensor], l
 
 
 def check_replicas(run: Run) -> None:
-    """Averaged gradients keep every process's factors identical: check it after a multi-process run."""
+    """Averaged gradients keep every process's adapter identical: check it after a multi-process run."""
     accelerator = run.accelerator
     if accelerator.num_processes == 1:
         return
-    flat = torch.cat([p.detach().reshape(-1) for p in run.superlora.parameters() if p.requires_grad]).to(run.device)
+    flat = torch.cat([p.detach().reshape(-1) for p in run.adapter.module.parameters() if p.requires_grad]).to(run.device)
     replicas = accelerator.gather(flat[None])
     if not torch.equal(replicas.min(0).values, replicas.max(0).values):
         raise TrainingError("the SuperLoRA factors differ between processes; gradients were not synchronised.")

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from ..superlora import versus_lora1
-from .adapter import describe
 from .config import TrainingConfig
 
 
@@ -49,11 +48,12 @@ def generate(pipe, prompt: str, count: int, seed: int, cfg: TrainingConfig, reso
     ]
 
 
-def validate(cfg: TrainingConfig, accelerator, path, modules, noise_scheduler, resolution: int, step: int, superlora) -> None:
+def validate(cfg: TrainingConfig, accelerator, path, modules, noise_scheduler, resolution: int, step: int, adapter) -> None:
     tokenizer, text_encoder, vae, unet = modules
     pipe = make_pipeline(path, tokenizer, text_encoder, vae, unet, noise_scheduler.config)
     images = generate(pipe, cfg.validation_prompt, cfg.num_validation_images, cfg.seed, cfg, resolution)
-    assert all(p.dtype == torch.float32 for p in superlora.parameters()), "validation must not downcast the adapter"
+    assert all(p.dtype == torch.float32 for p in adapter.parameters() if p.requires_grad), \
+        "validation must not downcast the adapter"
     grid = image_grid(images)
     out = Path(cfg.output_dir) / "validation"
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def validate(cfg: TrainingConfig, accelerator, path, modules, noise_scheduler, r
             tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
 
 
-def final_validation(cfg: TrainingConfig, accelerator, path, weights: Path, resolution, n_params, lora1, config) -> None:
+def final_validation(cfg: TrainingConfig, path: str, weights: Path, resolution: int, adapter) -> None:
     """Reload the saved file into a fresh pipeline (what a user does) and write samples + a model card."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -73,19 +73,20 @@ def final_validation(cfg: TrainingConfig, accelerator, path, weights: Path, reso
                                                    requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_superlora_weights(str(weights.parent), weight_name=weights.name)
+    adapter.load_into(pipe, weights)
     prompt = cfg.validation_prompt or cfg.instance_prompt
     images = generate(pipe, prompt, max(1, cfg.num_validation_images), cfg.seed, cfg, resolution)
     image_grid(images).save(Path(cfg.output_dir) / "samples.png")
-    write_model_card(cfg, n_params, lora1, config, weights, prompt)
+    write_model_card(cfg, adapter, weights, prompt)
 
 
-def write_model_card(cfg: TrainingConfig, n_params: int, lora1: int, config, weights: Path, prompt: str) -> None:
+def write_model_card(cfg: TrainingConfig, adapter, weights: Path, prompt: str) -> None:
     from ..toy import TOY_ALIASES
 
     toy = str(cfg.pretrained_model_name_or_path).lower() in TOY_ALIASES
     base_expr = ("superlora_diffusers.toy.resolve_base_model('toy'), torch_dtype=torch.float32" if toy
                  else f'"{cfg.pretrained_model_name_or_path}"')
+    n_params, lora1 = adapter.n_params, adapter.lora1
     card = f"""---
 base_model: {cfg.pretrained_model_name_or_path}
 library_name: diffusers
@@ -97,7 +98,7 @@ tags:
 instance_prompt: {cfg.instance_prompt}
 ---
 
-# SuperLoRA DreamBooth adapter
+# {adapter.title} DreamBooth adapter
 
 Trained with `train_dreambooth_superlora.py` on `{cfg.pretrained_model_name_or_path}` from the images in
 `{cfg.instance_data_dir}` with the instance prompt **{cfg.instance_prompt}**
@@ -105,7 +106,7 @@ Trained with `train_dreambooth_superlora.py` on `{cfg.pretrained_model_name_or_p
 
 - trainable parameters: **{n_params:,}** ({weights.stat().st_size:,} bytes on disk); a rank-1 LoRA of the same
   targets has {lora1:,} ({versus_lora1(n_params, lora1)})
-- configuration: {describe(config)}; targets: {config.target_modules}
+- configuration: {adapter.describe()}
 - steps: {cfg.max_train_steps or 'from epochs'}, learning rate {cfg.learning_rate}, batch {cfg.train_batch_size}, seed {cfg.seed}
 
 ![samples](samples.png) (prompt: "{prompt}")
@@ -116,13 +117,13 @@ import superlora_diffusers
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained({base_expr})
-pipe.load_superlora_weights("{cfg.output_dir}")
+{adapter.load_code.format(out=cfg.output_dir)}
 image = pipe("{cfg.instance_prompt}").images[0]
 ```
 
 Full config:
 ```json
-{json.dumps(config.to_dict(), indent=1)}
+{json.dumps(adapter.config_dict(), indent=1)}
 ```
 """
     (Path(cfg.output_dir) / "README.md").write_text(card)
