@@ -26,9 +26,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 import superlora_diffusers  # noqa: F401  (attaches the pipeline verbs)
 from superlora_diffusers import SuperLoRAConfig, SuperLoRAFileError
-from superlora_diffusers.training import TrainingError, parse_args
-from superlora_diffusers.training.adapter import adapter_config, describe
-from superlora_diffusers.training.data import IMAGE_EXTENSIONS
+from superlora_diffusers.dreambooth import IMAGE_EXTENSIONS, TrainingError, describe, parse_args, superlora_config_from_args
 from superlora_diffusers.serialization import WEIGHT_NAME
 from superlora_diffusers.superlora import versus_lora1
 
@@ -229,6 +227,17 @@ def check_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
+def file_header(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata, no tensors read ({} for unreadable files)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 (unreadable files are simply not listed)
+        return {}
+
+
 def is_superlora_file(path: Path) -> bool:
     """A cheap header check (no tensors read): lists only SuperLoRA files in the adapter folder."""
     try:
@@ -325,6 +334,43 @@ class Studio:
         rel = path.resolve().relative_to(root)
         label = str(rel.parent if rel.name == WEIGHT_NAME else rel)
         return str(path), label
+
+    def adapter_cards(self, query: str = "") -> list[dict[str, Any]]:
+        """One card per adapter in the folder (header only): label, path, preview (the run's own `samples.png`, its
+        validation sample), trigger words, trainable parameters, bytes, base model, loaded or not; `query` filters
+        on label, trigger words and base model."""
+        loaded = {a.source for a in self.loaded}
+        cards = []
+        for label, path in self.list_adapter_files():
+            meta = file_header(Path(path))
+            preview = Path(path).parent / "samples.png"
+            card = {
+                "label": label, "file": path, "preview": str(preview) if preview.is_file() else None,
+                "trigger": trigger_phrase(meta.get("instance_prompt", "")),
+                "instance_prompt": meta.get("instance_prompt", ""), "base_model": meta.get("base_model", ""),
+                "num_parameters": int(meta.get("num_parameters") or 0), "file_bytes": Path(path).stat().st_size,
+                "loaded": path in loaded,
+            }
+            text = " ".join(str(card[k]) for k in ("label", "trigger", "base_model")).lower()
+            if all(word in text for word in str(query or "").lower().split()):
+                cards.append(card)
+        return cards
+
+    def delete_adapter_file(self, path_or_label: str) -> str:
+        """Delete an adapter from the folder: its file, and its run folder when nothing else of it is left
+        (the model card, samples and images the trainer wrote beside it); refused while it is loaded."""
+        path, label = self.resolve_adapter(path_or_label)
+        file = Path(path) / WEIGHT_NAME if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise UserError(f"{label!r} does not exist (any more); refresh the adapter list")
+        if any(a.source == str(file) for a in self.loaded):
+            raise UserError(f"{label!r} is loaded; remove it from the slots (✕) before deleting it")
+        folder = file.parent
+        file.unlink()
+        others = [p for p in folder.rglob("*.safetensors")]
+        if folder.resolve() != self.adapters_dir.resolve() and not others:
+            shutil.rmtree(folder)
+        return label
 
     def load_adapter(self, path: str | os.PathLike, label: str | None = None) -> str:
         """Load a SuperLoRA (a file, or a folder holding superlora_weights.safetensors); returns its name."""
@@ -728,7 +774,7 @@ class Trainer:
                 args = parse_args(argv)
                 pipe = self.studio.pipe
                 components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-                config, _ = adapter_config(args, lambda targets: target_shapes(components, targets))
+                config, _ = superlora_config_from_args(args, lambda targets: target_shapes(components, targets))
                 from superlora_diffusers import count_parameters
 
                 n_params = count_parameters(config, target_shapes(components, config.target_modules))

@@ -26,7 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: no us
 import gradio as gr  # noqa: E402
 
 from superlora_diffusers import PRESETS, SuperLoRAFileError
-from superlora_diffusers.training import TrainingError
+from superlora_diffusers.dreambooth import TrainingError
 
 from .core import (
     DEFAULT_SAMPLER,
@@ -108,6 +108,31 @@ def info_markdown(studio: Studio) -> str:
             f"**{r['num_parameters']:,}** trainable parameters · file {human_bytes(r['file_bytes'])} · a rank-1 LoRA "
             f"of the same targets has {r['lora_rank1_parameters']:,} ({r['versus_lora1']})")
     return "\n\n".join(blocks)
+
+
+def card_markdown(card: dict[str, Any] | None) -> str:
+    if card is None:
+        return "*Pick a card to see its details, load, download or delete it.*"
+    trigger = f"trigger *{card['trigger']}*" if card["trigger"] else "no trigger words recorded"
+    base = f"trained on `{card['base_model']}`" if card["base_model"] else "base model not recorded"
+    loaded = " · **loaded**" if card["loaded"] else ""
+    return (f"**{card['label']}**{loaded}  \n{trigger} · {base}  \n**{card['num_parameters']:,}** trainable "
+            f"parameters · file {human_bytes(card['file_bytes'])}  \n`{card['file']}`")
+
+
+def card_items(cards: list[dict[str, Any]]) -> list[tuple[Any, str]]:
+    """Gallery items: each card's preview (the run's samples.png) or a plain tile, captioned."""
+    from PIL import Image, ImageDraw
+
+    items = []
+    for c in cards:
+        if c["preview"]:
+            image: Any = c["preview"]
+        else:
+            image = Image.new("RGB", (256, 256), "#e5e7eb")
+            ImageDraw.Draw(image).text((86, 120), "no preview", fill="#6b7280")
+        items.append((image, f"{c['label']} · {c['num_parameters']:,} params · {human_bytes(c['file_bytes'])}"))
+    return items
 
 
 def train_markdown(status: dict[str, Any] | None) -> str:
@@ -228,6 +253,17 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                              object_fit="contain", elem_id="gallery")
                         seed_used = gr.Number(label="Seed used", info="image i uses seed + i", value=None, precision=0,
                                               interactive=False, visible=False, elem_id="seed-used")
+                    with gr.Tab("Library", id="library-tab") as library_tab:
+                        lib_search = gr.Textbox(label="Search adapters", placeholder="name, trigger words or base model",
+                                                elem_id="lib-search")
+                        lib_gallery = gr.Gallery(label="Adapter cards", columns=4, height="auto", allow_preview=False,
+                                                 object_fit="contain", elem_id="lib-gallery")
+                        lib_details = gr.Markdown(card_markdown(None), label="adapter card", elem_id="lib-details")
+                        with gr.Row():
+                            lib_load = gr.Button("Load", variant="primary", elem_id="lib-load")
+                            lib_download = gr.DownloadButton("Download", value=None, interactive=False,
+                                                             elem_id="lib-download")
+                            lib_delete = gr.Button("Delete", variant="stop", elem_id="lib-delete")
                     with gr.Tab("Compare", id="compare-tab"):
                         gr.Markdown("The same seed and settings **without** and **with** the loaded adapters "
                                     "(at their slot strengths).")
@@ -283,6 +319,11 @@ def build_demo(studio: Studio) -> gr.Blocks:
             api_file = gr.File(label="file", visible=False, file_types=[".safetensors"])
             api_name = gr.Textbox(label="name", visible=False)
             api_adapters = gr.JSON(label="adapters", visible=False)
+            # the library's state in hidden components: a gr.State makes Gradio hold a heartbeat connection open,
+            # so the page never goes network-idle, which browser automation (and app/screenshot.py) waits for
+            lib_cards = gr.JSON([], visible=False)
+            lib_selected = gr.Textbox(None, visible=False)
+            lib_armed = gr.Checkbox(False, visible=False)
 
         settings = [prompt, negative, seed, randomize, steps, guidance, width, height, sampler]
         slot_scales = [*slot_unet, *slot_text]
@@ -462,6 +503,59 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         gr.api(adapter_info, api_name="adapter_info")
 
+        # ---- the library: adapter cards ----------------------------------------------------------------
+        def show_cards(query):
+            cards = studio.adapter_cards(query)
+            return card_items(cards), cards, None, card_markdown(None), gr.DownloadButton(value=None, interactive=False), \
+                gr.Button("Delete"), False
+
+        card_outputs = [lib_gallery, lib_cards, lib_selected, lib_details, lib_download, lib_delete, lib_armed]
+        lib_search.change(show_cards, [lib_search], card_outputs, **private)
+        library_tab.select(show_cards, [lib_search], card_outputs, **private)  # new runs, loaded flags
+
+        def pick_card(cards, evt: gr.SelectData):
+            card = cards[evt.index] if cards and 0 <= evt.index < len(cards) else None
+            if card is None:
+                return None, card_markdown(None), gr.skip(), gr.Button("Delete"), False
+            return (card["file"], card_markdown(card), gr.DownloadButton(value=card["file"], interactive=True),
+                    gr.Button("Delete"), False)
+
+        lib_gallery.select(pick_card, [lib_cards], [lib_selected, lib_details, lib_download, lib_delete, lib_armed],
+                           **private)
+        lib_load.click(load_selected, [lib_selected, prompt, add_trigger, *slot_scales],
+                       [*slot_outputs, adapter_msg, prompt], **private, **pipe_queue)
+
+        def delete_card(path, armed, query):
+            """Two clicks: the first asks, the second deletes the file (and its run folder)."""
+            if not path:
+                return [*[gr.skip()] * len(card_outputs), notice("delete_adapter", UserError("pick a card first"))]
+            if not armed:
+                return [*[gr.skip()] * 5, gr.Button(f"Click again to delete {Path(path).parent.name}"), True,
+                        gr.skip()]
+            try:
+                label = studio.delete_adapter_file(path)
+            except Exception as e:  # noqa: BLE001
+                return [*[gr.skip()] * 5, gr.Button("Delete"), False, notice("delete_adapter", e)]
+            return [*show_cards(query), f"Deleted **{label}** from the adapter folder."]
+
+        lib_delete.click(delete_card, [lib_selected, lib_armed, lib_search], [*card_outputs, adapter_msg], **private)
+
+        @api_errors
+        def adapter_cards(query: str = "") -> list[dict]:
+            """Every adapter in the folder (filtered by `query`): label, path, preview, trigger words, parameters,
+            bytes, base model, loaded."""
+            return studio.adapter_cards(query)
+
+        gr.api(adapter_cards, api_name="adapter_cards")
+
+        @api_errors
+        def delete_adapter(path: str) -> list[dict]:
+            """Delete an adapter (folder-list label or path) from the adapter folder; returns the cards left."""
+            studio.delete_adapter_file(path)
+            return studio.adapter_cards()
+
+        gr.api(delete_adapter, api_name="delete_adapter")
+
         # ---- training --------------------------------------------------------------------------------
         @api_errors
         def train(images, instance_prompt, adapter_name, preset, param_budget, training_steps, learning_rate, seed,
@@ -527,9 +621,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         stop_btn.click(stop_training, None, [train_md], api_name="stop_training", concurrency_limit=None)
 
-        demo.load(lambda: (gr.Dropdown(choices=file_choices()), *train_status(), *slot_updates()), None,
-                  [adapter_file, train_bar, train_md, train_grid, *slot_outputs], **private)
-    name_api_outputs(demo, {"adapter_info": "adapters", "train_status": "status"})
+        demo.load(lambda: (gr.Dropdown(choices=file_choices()), *train_status(), *slot_updates(), *show_cards("")),
+                  None, [adapter_file, train_bar, train_md, train_grid, *slot_outputs, *card_outputs], **private)
+    name_api_outputs(demo, {"adapter_info": "adapters", "train_status": "status", "adapter_cards": "cards",
+                            "delete_adapter": "cards"})
     return demo
 
 
@@ -544,5 +639,6 @@ def name_api_outputs(demo: gr.Blocks, labels: dict[str, str]) -> None:
 def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True, **kwargs):
     demo = build_demo(studio)
     demo.queue(default_concurrency_limit=1, max_size=64)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, css=CSS, show_error=True, **kwargs)
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, css=CSS, show_error=True,
+                allowed_paths=[str(studio.adapters_dir.resolve())], **kwargs)  # card previews and downloads
     return demo

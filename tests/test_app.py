@@ -58,6 +58,7 @@ def world(tmp_path_factory):
     adapters = root / "adapters"
     save_adapter(pipe, adapters / "sks-star", "a photo of sks star")
     save_adapter(pipe, adapters / "nested" / "polka", "a photo of pqp circle", seed=1, targets="unet+text")
+    Image.new("RGB", (64, 32), "red").save(adapters / "sks-star" / "samples.png")  # its validation sample
     (adapters / "sks-star" / "checkpoint-10").mkdir()  # checkpoints are not listed
     save_adapter(pipe, adapters / "sks-star" / "checkpoint-10", "x")
     from diffusers import StableDiffusionPipeline
@@ -246,7 +247,8 @@ def test_upload_of_a_non_safetensors_file(app, world):
 def test_view_api_names_every_parameter_and_output(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(api) == {"/generate", "/compare", "/sweep", "/refresh_adapters", "/load_adapter", "/upload_adapter",
-                        "/remove_adapter", "/adapter_info", "/train", "/train_status", "/stop_training"}
+                        "/remove_adapter", "/adapter_info", "/adapter_cards", "/delete_adapter", "/train",
+                        "/train_status", "/stop_training"}
     for name, endpoint in api.items():
         for p in endpoint["parameters"]:
             assert not re.fullmatch(r"param_\d+", p["parameter_name"]), (name, p)
@@ -291,6 +293,27 @@ def test_png_holds_its_settings_and_the_sampler_is_used(app):
     assert not np.array_equal(images["DDIM"], images["Euler a"]) and not np.array_equal(images["DDIM"], images["DPM-Solver++"])
     with pytest.raises(AppError, match="not in the list of choices|unknown sampler"):
         generate(app, sampler="PLMS")
+
+
+def test_adapter_cards_filter_and_delete(app, world):
+    import shutil
+
+    cards = {c["label"]: c for c in app.predict("", api_name="/adapter_cards")}
+    assert {"sks-star", "nested/polka"} <= set(cards)
+    star = cards["sks-star"]
+    assert star["preview"].endswith("sks-star/samples.png") and cards["nested/polka"]["preview"] is None
+    assert star["trigger"] == "sks star" and star["num_parameters"] > 0 and star["file_bytes"] > 0
+    assert [c["label"] for c in app.predict("pqp", api_name="/adapter_cards")] == ["nested/polka"]
+    copy = world["adapters"] / "doomed"
+    shutil.copytree(world["adapters"] / "sks-star", copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    app.predict("doomed", api_name="/load_adapter")
+    with pytest.raises(AppError, match="'doomed' is loaded; remove it from the slots"):
+        app.predict("doomed", api_name="/delete_adapter")
+    app.predict("doomed", api_name="/remove_adapter")
+    left = app.predict("doomed", api_name="/delete_adapter")
+    assert "doomed" not in {c["label"] for c in left} and not copy.exists()  # the run folder goes with it
+    with pytest.raises(AppError, match="not in the adapter folder"):
+        app.predict(str(world["uploads"] / "other-base" / "superlora_weights.safetensors"), api_name="/delete_adapter")
 
 
 # ---- compare and sweep --------------------------------------------------------------------------------
@@ -466,7 +489,7 @@ def page(server):
         browser = launch_browser(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
+            page.set_default_timeout(60_000)  # a shared 2-core machine can be slow to serve the page
             page.goto(server, wait_until="networkidle")
             yield page
         finally:
@@ -550,3 +573,31 @@ def test_browser_dropping_a_generated_png_restores_its_settings(app, page):
     expect(page.get_by_label("number input for Sampling steps", exact=True)).to_have_value("4")
     expect(page.locator("#sampler input")).to_have_value("DDIM")
     assert not page.locator("#randomize input").is_checked()  # the same seed, not a random one
+
+
+def test_browser_library_cards_search_load_and_delete(app, page, world):
+    import shutil
+
+    from playwright.sync_api import expect
+
+    shutil.copytree(world["adapters"] / "nested" / "polka", world["adapters"] / "spare-polka")
+    page.get_by_role("tab", name="Library").click()
+    cards = page.locator("#lib-gallery img")
+    expect(cards).to_have_count(3)
+    page.get_by_label("Search adapters").fill("spare")
+    expect(cards).to_have_count(1)
+    cards.first.click()
+    expect(page.locator("#lib-details")).to_contain_text("spare-polka")
+    expect(page.locator("#lib-download")).to_be_enabled()
+    page.locator("#lib-delete").click()
+    expect(page.locator("#lib-delete")).to_contain_text("Click again to delete")
+    page.locator("#lib-delete").click()
+    expect(page.locator("#adapter-msg")).to_contain_text("Deleted spare-polka")
+    expect(cards).to_have_count(0)
+    assert not (world["adapters"] / "spare-polka").exists()
+    page.get_by_label("Search adapters").fill("sks")
+    expect(cards).to_have_count(1)
+    cards.first.click()
+    page.locator("#lib-load").click()
+    expect(page.locator("#adapter-info")).to_contain_text("trainable parameters")
+    assert [i["name"] for i in app.predict(api_name="/adapter_info")] == ["sks-star"]
