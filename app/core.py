@@ -26,7 +26,9 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 import superlora_diffusers  # noqa: F401  (attaches the pipeline verbs)
 from superlora_diffusers import SuperLoRAConfig, SuperLoRAFileError
-from superlora_diffusers.dreambooth import IMAGE_EXTENSIONS, TrainingError, describe, parse_args, superlora_config_from_args
+from superlora_diffusers.training import TrainingError, parse_args
+from superlora_diffusers.training.adapter import adapter_config, describe
+from superlora_diffusers.training.data import IMAGE_EXTENSIONS
 from superlora_diffusers.serialization import WEIGHT_NAME
 from superlora_diffusers.superlora import versus_lora1
 
@@ -774,7 +776,7 @@ class Trainer:
                 args = parse_args(argv)
                 pipe = self.studio.pipe
                 components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-                config, _ = superlora_config_from_args(args, lambda targets: target_shapes(components, targets))
+                config, _ = adapter_config(args, lambda targets: target_shapes(components, targets))
                 from superlora_diffusers import count_parameters
 
                 n_params = count_parameters(config, target_shapes(components, config.target_modules))

@@ -26,7 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: no us
 import gradio as gr  # noqa: E402
 
 from superlora_diffusers import PRESETS, SuperLoRAFileError
-from superlora_diffusers.dreambooth import TrainingError
+from superlora_diffusers.training import TrainingError
 
 from .core import (
     DEFAULT_SAMPLER,
