@@ -89,11 +89,14 @@ class SuperLoRALoaderMixin:
     # ---- the verbs ----------------------------------------------------------------------------------
     def load_superlora_weights(self, path_or_dir_or_state_dict: str | os.PathLike | dict[str, torch.Tensor],
                                weight_name: str | None = None, adapter_name: str | None = None,
-                               metadata: dict[str, str] | None = None) -> str:
+                               metadata: dict[str, str] | None = None, hotswap: bool = False) -> str:
         """Load an adapter (a folder, a `.safetensors` file, a Hub repo id, or a state dict with `metadata=`)
         and activate it with weight 1.0; returns its adapter name.
 
-        Everything is validated before the pipeline is touched: a failed load leaves it exactly as it was.
+        `hotswap=True` (diffusers' name) replaces the factors of the loaded adapter `adapter_name` in place with
+        the file's, which must have the same layout: nothing is re-injected, its weight stays, and the same
+        parameter tensors hold the new values. Everything is validated before the pipeline is touched: a failed
+        load leaves it exactly as it was.
         """
         if isinstance(path_or_dir_or_state_dict, dict):
             if metadata is None:
@@ -108,13 +111,18 @@ class SuperLoRALoaderMixin:
         self._check_token(parsed, source)
         components = self._superlora_components()
         existing = get_superlora_model(components)
+        if adapter_name is None and hotswap:
+            raise ValueError("hotswap=True replaces a loaded adapter: pass its adapter_name.")
         if adapter_name is None:
             taken = set(existing.adapters) if existing else set()
             adapter_name = next(f"default_{i}" for i in range(len(taken) + 1) if f"default_{i}" not in taken)
-        if existing is not None and adapter_name in existing.adapters:
-            raise ValueError(f"adapter name {adapter_name!r} is already loaded; pass another adapter_name or unload it first.")
         if existing is not None and existing.originals is not None:
             raise ValueError("a SuperLoRA is fused; call pipe.unfuse_superlora() before loading another adapter.")
+        if hotswap:
+            return _hotswap(existing, adapter_name, parsed, targets, source)
+        if existing is not None and adapter_name in existing.adapters:
+            raise ValueError(f"adapter name {adapter_name!r} is already loaded; pass another adapter_name, unload it "
+                             "first, or replace its factors with hotswap=True.")
         module = parsed.build().to(targets[0].module.weight.device)
         model = get_superlora_model(components, create=True)
         model.add_adapter(adapter_name, module, targets, parsed.metadata)
@@ -232,6 +240,22 @@ class SuperLoRALoaderMixin:
                 return original(self, *args, **kwargs)
 
         self.encode_prompt = encode_prompt
+
+
+def _hotswap(model: SuperLoRAModel | None, adapter_name: str, parsed: SuperLoRAFile, targets: list[Target],
+             source: str) -> str:
+    """Copy a file's factors into the loaded adapter of the same layout, in place."""
+    if model is None or adapter_name not in model.adapters:
+        raise ValueError(f"hotswap=True replaces a loaded adapter, and {adapter_name!r} is not loaded; load it first "
+                         "or drop hotswap.")
+    adapter = model.adapters[adapter_name]
+    if parsed.config.to_dict() != adapter.config.to_dict() or [t.name for t in targets] != adapter.targets:
+        raise SuperLoRAFileError(f"{source} has another layout than adapter {adapter_name!r} (its config or targets "
+                                 "differ); hotswap needs the same layout, so load it under another adapter_name.")
+    with torch.no_grad():
+        adapter.module.load_state_dict(parsed.state_dict)  # copies into the same tensors
+    adapter.metadata = parsed.metadata
+    return adapter_name
 
 
 def _find_layer(components: dict[str, torch.nn.Module], name: str) -> torch.nn.Module | None:

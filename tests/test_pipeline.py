@@ -486,3 +486,34 @@ def test_conv_targets_adapt_resnet_kernels_locon_style(tmp_path):
     lora = tiny_pipeline()
     lora.load_lora_weights(str(tmp_path / "lora"))
     torch.testing.assert_close(generate(lora), adapted, atol=1e-4, rtol=0)
+
+
+def test_hotswap_replaces_the_factors_in_place(tmp_path):
+    """diffusers' `hotswap=True`: the same adapter (same tensors, same weight) takes another file's values."""
+    paths = {}
+    for seed in (0, 1):
+        source = tiny_pipeline()
+        add_random_adapter(source, seed=seed)
+        paths[seed] = source.save_superlora_weights(tmp_path / f"a{seed}")
+        paths[f"images{seed}"] = generate(source)
+    pipe = tiny_pipeline()
+    pipe.load_superlora_weights(paths[0], adapter_name="star")
+    pipe.set_superlora_adapters("star", 0.5)
+    module = get_superlora_model(pipe._superlora_components()).adapters["star"].module
+    pointers = [p.data_ptr() for p in module.parameters()]
+    half = generate(pipe)  # caches ΔW at inference: the swap must invalidate it
+    assert pipe.load_superlora_weights(paths[1], adapter_name="star", hotswap=True) == "star"
+    assert [p.data_ptr() for p in module.parameters()] == pointers and pipe.get_active_superlora_adapters() == {"star": 0.5}
+    assert not torch.equal(generate(pipe), half)  # the cached ΔW of the old factors is not reused
+    pipe.set_superlora_adapters("star", 1.0)
+    torch.testing.assert_close(generate(pipe), paths["images1"], rtol=0, atol=1e-6)
+    other = tiny_pipeline()
+    add_random_adapter(other, SuperLoRAConfig.lorta(fold=3, groups=1, rank=2, target_modules="unet"))
+    other_path = other.save_superlora_weights(tmp_path / "other")
+    with pytest.raises(SuperLoRAFileError, match="another layout than adapter 'star'"):
+        pipe.load_superlora_weights(other_path, adapter_name="star", hotswap=True)
+    with pytest.raises(ValueError, match="'nope' is not loaded"):
+        pipe.load_superlora_weights(paths[0], adapter_name="nope", hotswap=True)
+    with pytest.raises(ValueError, match="pass its adapter_name"):
+        pipe.load_superlora_weights(paths[0], hotswap=True)
+    torch.testing.assert_close(generate(pipe), paths["images1"], rtol=0, atol=1e-6)  # refusals changed nothing
