@@ -14,6 +14,9 @@ embedding, 128 params); pivotal tuning (`*_ti`: that embedding trained beside th
     # a tiny end-to-end check on CPU
     python benchmarks/quality.py run --out /tmp/q.jsonl --device cpu --workers 1 --steps 5 --n_eval 2 \
         --eval_steps 2 --subjects striped_star --methods lora_r4,t3_g12_r5 --lr_grid 3e-3
+    # the same jobs through the shipped trainer, train(TrainingConfig) (issue 23; not yet the committed results)
+    python benchmarks/quality.py run --out /tmp/q-trainer.jsonl --device cpu --workers 1 --targets conv \
+        --train_text_encoder --prior_weight 1 --steps 1500 --seeds 1 --lr_grid 3e-3 --methods lora_r1 --loop trainer
     # table (markdown) + plot (docs/quality.png) from the JSON lines
     python benchmarks/quality.py report benchmarks/results/quality.jsonl
 
@@ -183,6 +186,7 @@ def init_worker(device: str, work_dir: str, threads: int) -> None:
     path = resolve_base_model("toy")
     W["device"] = torch.device(device)
     W["path"] = path
+    W["work_dir"] = work_dir
     W["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     W["te"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch.float32).to(device)
     W["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).to(device)
@@ -385,6 +389,8 @@ def _add_superlora(spec: dict, unet, te, targets: str, text: bool) -> Built:
 
 
 def run_job(job: dict) -> dict:
+    if job.get("loop") == "trainer" and job["method"] != "base":
+        return run_job_with_trainer(job)
     t0 = time.time()
     dev = W["device"]
     method, subject, seed, lr = job["method"], job["subject"], job["seed"], job["lr"]
@@ -473,6 +479,75 @@ def run_job(job: dict) -> dict:
     return out
 
 
+def training_config(job: dict, work_dir: Path):
+    """The shipped trainer's `TrainingConfig` for a benchmark job: the same images, prompts, steps, batch, rate,
+    prior weight and layers as `run_job`; its own per-step random draws (so a run matches the old loop's
+    figures within seed noise, not draw for draw)."""
+    from superlora_diffusers.toy import world
+    from superlora_diffusers.training import TrainingConfig
+
+    spec, shape = METHODS[job["method"]], world.SUBJECTS[job["subject"]].shape
+    images = work_dir / "images" / job["subject"]
+    cfg = dict(pretrained_model_name_or_path="toy", instance_data_dir=str(images / "instance"),
+               instance_prompt=f"a photo of sks {shape}", max_train_steps=job["steps"], learning_rate=job["lr"],
+               train_batch_size=BATCH, seed=job["seed"], train_text_encoder=job.get("text", False),
+               target_modules="unet+conv" if job.get("targets") == "conv" else "unet", checkpointing_steps=job["steps"],
+               num_validation_images=1, num_inference_steps=2, report_to="none", adam_weight_decay=1e-2,
+               output_dir=str(work_dir / "runs" / f"{job['method']}-{job['subject']}-s{job['seed']}-lr{job['lr']:g}"),
+               overwrite_output_dir=True)
+    if job["prior_weight"] > 0:
+        cfg.update(with_prior_preservation=True, class_prompt=f"a photo of a {shape}", class_data_dir=str(images / "class"),
+                   num_class_images=N_PRIOR, prior_loss_weight=job["prior_weight"])
+    if spec["kind"] == "superlora":
+        own = dict(spec["config"])
+        targets = own.pop("target_modules", None)
+        if targets:
+            cfg["target_modules"] = targets + ("+conv" if job.get("targets") == "conv" and "conv" not in targets else "")
+        cfg.update({k: (str(v) if k == "groups" else v) for k, v in own.items()})
+    elif spec["kind"] in ("lora", "lokr"):
+        cfg.update(adapter=spec["kind"], rank=spec["r"])
+    elif spec["kind"] in PEFT_SHARED:
+        cfg.update(adapter=spec["kind"], peft_kwargs=json.dumps(spec["config"]))
+    else:
+        raise ValueError(f"{job['method']}: the shipped trainer has no {spec['kind']!r} adapter")
+    if spec.get("ti"):
+        if spec["kind"] != "superlora":
+            raise ValueError(f"{job['method']}: the shipped trainer trains the embedding beside a SuperLoRA only")
+        cfg.update(train_text_encoder_ti=True, text_encoder_lr=job["ti_lr"])
+    return TrainingConfig(**cfg)
+
+
+def run_job_with_trainer(job: dict) -> dict:
+    """One job through the shipped trainer (`train(config)`), then the same judge on the saved adapter."""
+    from superlora_diffusers.training import train
+
+    t0 = time.time()
+    work_dir = Path(W["work_dir"])
+    config = training_config(job, work_dir)
+    weights = train(config)
+    unet, te = copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])
+    pipe = make_pipeline(unet, te)
+    if config.adapter == "superlora":
+        pipe.load_superlora_weights(str(weights.parent))
+    elif config.adapter == "lora":
+        pipe.load_lora_weights(str(weights.parent))
+    else:
+        from peft import PeftModel
+
+        models = {"unet": unet} | ({"text_encoder": te} if config.train_text_encoder else {})
+        PeftModel.from_pretrained(torch.nn.ModuleDict(models), str(weights.parent))
+    train_s = time.time() - t0
+    out = dict(job)
+    out.update(evaluate(unet, te, job["subject"], job["n_eval"], job["eval_steps"]))
+    # the trainable-parameter count of the same adapter built by `add_adapter` (whose counts are tested)
+    params, ti_params, _, _ = add_adapter(job["method"], copy.deepcopy(W["unet"]), copy.deepcopy(W["te"]), job["seed"],
+                                          job.get("targets", "attention"), job.get("text", False))
+    out.update(params=sum(p.numel() for p in params + ti_params), file_bytes=weights.stat().st_size,
+               train_seconds=round(train_s, 2), seconds=round(time.time() - t0, 2), loop="trainer",
+               family=METHODS[job["method"]]["family"])
+    return out
+
+
 @torch.no_grad()
 def trained_deltas(unet, te) -> dict[str, torch.Tensor]:
     """Every adapted weight's ΔW as a (d_out, d_in·k·k) matrix, named as SuperLoRA names its targets
@@ -512,6 +587,11 @@ def prepare_data(args) -> None:
         prior = pipe([f"a photo of a {shape}"] * N_PRIOR, num_inference_steps=20, guidance_scale=5.0,
                      generator=gens).images
         data[subject] = {"inst": latent_stats(inst).cpu(), "prior": latent_stats(prior).cpu()}
+        for kind, images in (("instance", inst), ("class", prior)):  # the same images as folders, for --loop trainer
+            folder = Path(args.work_dir) / "images" / subject / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                image.save(folder / f"{i:03d}.png")
     torch.save(data, Path(args.work_dir) / "data.pt")
 
 
@@ -525,7 +605,8 @@ def hard_exit(executor, code: int) -> None:
 def job_key(j: dict) -> tuple:
     key = (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"], j.get("targets", "attention"),
            j.get("text", False), j["steps"], j["prior_weight"])
-    return key + ((float(j["ti_lr"]),) if "ti_lr" in j else ())  # pivotal tuning's embedding rate
+    key += (float(j["ti_lr"]),) if "ti_lr" in j else ()  # pivotal tuning's embedding rate
+    return key + ((j["loop"],) if "loop" in j else ())  # rows of the shipped trainer (--loop trainer)
 
 
 def run(args) -> None:
@@ -559,6 +640,8 @@ def run(args) -> None:
                   targets=args.targets, text=args.train_text_encoder)
     if args.save_deltas:
         common["save_deltas"] = args.save_deltas
+    if args.loop == "trainer":
+        common["loop"] = "trainer"
     seeds = SEEDS[:args.seeds]
     prio = {m: i for i, m in enumerate(methods)}
     tried: dict[str, list[float]] = {m: list(args.lr_grid) for m in methods}
@@ -888,6 +971,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="also save each trained adapter's dense ΔW here (<method>-<subject>-s<seed>.safetensors), "
                         "for benchmarks/expressivity.py")
     r.add_argument("--lr_extend", type=int, default=2, help="extend the grid at most this many times per method")
+    r.add_argument("--loop", choices=["own", "trainer"], default="own",
+                   help="own: this file's training loop (every committed result); trainer: the shipped trainer, "
+                        "train(TrainingConfig) on the same images, prompts, steps and rates (issue 23)")
     r.add_argument("--max_minutes", type=float, default=1e9, help="stop queueing new runs after this")
     r.add_argument("--grace_s", type=float, default=60, help="then wait this long for the runs in flight")
     p = sub.add_parser("report")

@@ -202,3 +202,23 @@ def test_superlora_pivotal_tuning_runs_on_the_shipped_token_offsets(quality):
         ti[0].fill_(0.5)
         assert not torch.allclose(te(ids)[0], before)
     assert file_bytes() > 0
+
+
+def test_jobs_map_to_the_shipped_trainers_config(tmp_path):
+    """--loop trainer: each job becomes one `TrainingConfig` on the same images, prompts, steps, rate and layers."""
+    job = dict(method="lora_r1", subject="checker_square", seed=2, lr=3e-3, steps=1500, prior_weight=1.0,
+               targets="conv", text=True, n_eval=16, eval_steps=20)
+    lora = Q.training_config(job, tmp_path)
+    assert (lora.adapter, lora.rank, lora.target_modules, lora.train_text_encoder) == ("lora", 1, "unet+conv", True)
+    assert lora.instance_prompt == "a photo of sks square" and lora.class_prompt == "a photo of a square"
+    assert lora.with_prior_preservation and lora.num_class_images == Q.N_PRIOR and lora.train_batch_size == Q.BATCH
+    assert (lora.max_train_steps, lora.learning_rate, lora.seed) == (1500, 3e-3, 2)
+    axes = Q.training_config({**job, "method": "ax_r1_ti", "ti_lr": 5e-3}, tmp_path)
+    assert (axes.adapter, axes.groups, axes.factorization, axes.rank) == ("superlora", "shape", "tucker", 1)
+    assert axes.train_text_encoder_ti and axes.text_encoder_lr == 5e-3
+    vb = Q.training_config({**job, "method": "vblora_15k", "targets": "attention"}, tmp_path)
+    assert vb.adapter == "vblora" and json.loads(vb.peft_kwargs) == Q.METHODS["vblora_15k"]["config"]
+    with pytest.raises(ValueError, match="no 'ti' adapter"):
+        Q.training_config({**job, "method": "ti"}, tmp_path)
+    with pytest.raises(ValueError, match="beside a SuperLoRA only"):
+        Q.training_config({**job, "method": "lora_r1_ti", "ti_lr": 5e-3}, tmp_path)
