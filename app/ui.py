@@ -42,7 +42,9 @@ from .core import (
     TRAIN_IMAGES,
     Studio,
     UserError,
+    MAX_CLASS_IMAGES,
     enlarge,
+    example_subjects,
     human_bytes,
     insert_trigger,
     one_line,
@@ -286,6 +288,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         gr.Markdown(f"DreamBooth a new SuperLoRA on `{studio.base}` from {TRAIN_IMAGES[0]}-"
                                     f"{TRAIN_IMAGES[1]} photos of one subject, with the library's own training code. "
                                     "It runs in the background; when done the adapter is loaded, ready to use.")
+                        subjects = example_subjects()
+                        example = gr.Dropdown(["(my own images)", *subjects], value="(my own images)",
+                                              label="Subject: a bundled example or your own images", elem_id="example")
                         train_files = gr.File(label=f"{TRAIN_IMAGES[0]}-{TRAIN_IMAGES[1]} images of the subject",
                                               file_count="multiple", file_types=["image"], height=120, elem_id="train-files")
                         with gr.Row():
@@ -298,6 +303,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                                precision=0, minimum=0)
                             train_steps = gr.Slider(1, MAX_TRAIN_STEPS, value=400, step=1, label="Training steps",
                                                     elem_id="train-steps")
+                        with gr.Row():
+                            prior = gr.Checkbox(label="Prior preservation", value=False, elem_id="prior")
+                            class_prompt = gr.Textbox("", label="Class prompt", placeholder="a photo of a star", scale=3)
+                            num_class = gr.Slider(1, MAX_CLASS_IMAGES, value=25, step=1, label="Class images")
                         with gr.Accordion("Advanced", open=False):
                             with gr.Row():
                                 lr = gr.Number(label="Learning rate", value=5e-3)
@@ -313,6 +322,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                                elem_id="train-status")
                         train_grid = gr.Image(label="Validation grid (latest)", type="pil", format="png",
                                               interactive=False, height=280, elem_id="train-grid")
+                        with gr.Accordion("Model card", open=False):
+                            train_card = gr.Markdown("", label="model card", elem_id="train-card")
 
             # hidden components: the adapter endpoints' named parameters and output for API clients
             api_path = gr.Textbox(label="path", visible=False)
@@ -559,11 +570,15 @@ def build_demo(studio: Studio) -> gr.Blocks:
         # ---- training --------------------------------------------------------------------------------
         @api_errors
         def train(images, instance_prompt, adapter_name, preset, param_budget, training_steps, learning_rate, seed,
-                  validation_images, validation_steps):
-            """Start a DreamBooth training in the background; poll /train_status."""
+                  validation_images, validation_steps, example="", prior_preservation=False, class_prompt="",
+                  num_class_images=25):
+            """Start a DreamBooth training in the background (a bundled `example` subject replaces `images`);
+            poll /train_status."""
             paths = [f if isinstance(f, str) else f.name for f in (images or [])]
             studio.trainer.start(paths, instance_prompt, preset, param_budget, training_steps, adapter_name or "",
-                                 learning_rate, seed, validation_images, validation_steps)
+                                 learning_rate, seed, validation_images, validation_steps,
+                                 "" if example in ("", None, "(my own images)") else example, prior_preservation, class_prompt,
+                                 num_class_images)
             return train_markdown(studio.trainer.status())
 
         def grid_image():
@@ -584,12 +599,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 status = studio.trainer.status()
                 if status is None or status["state"] not in ("preparing", "training", "finishing"):
                     break
-                yield progress_bar(status), train_markdown(status), grid_image(), gr.skip()
+                yield progress_bar(status), train_markdown(status), grid_image(), gr.skip(), gr.skip()
                 time.sleep(1.0)
             choices = file_choices()
             new = (status or {}).get("weights") or current
             new = new if new in [p for _, p in choices] else current
-            yield progress_bar(status), train_markdown(status), grid_image(), gr.Dropdown(choices=choices, value=new)
+            card = studio.trainer.job.model_card() if studio.trainer.job else ""
+            yield (progress_bar(status), train_markdown(status), grid_image(), gr.Dropdown(choices=choices, value=new),
+                   card)
 
         def load_trained(path, prompt_now, add, *scales):
             """When a training finishes, its adapter is loaded, ready to use."""
@@ -598,10 +615,19 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 return [*keep_slots, gr.skip(), gr.skip()]
             return load_selected(path, prompt_now, add, *scales)
 
+        def pick_example(name):
+            """A bundled subject fills both prompts (its images are used as they are)."""
+            if name not in subjects:
+                return gr.skip(), gr.skip(), gr.File(interactive=True)
+            s = subjects[name]
+            return s["instance_prompt"], s["class_prompt"], gr.File(interactive=False)
+
+        example.change(pick_example, [example], [instance_prompt, class_prompt, train_files], **private)
         train_btn.click(
             train, [train_files, instance_prompt, adapter_name, preset, budget, train_steps, lr, train_seed,
-                    val_images, val_steps], [train_md], api_name="train", concurrency_id="train", concurrency_limit=1,
-        ).success(watch_training, [adapter_file], [train_bar, train_md, train_grid, adapter_file], **private,
+                    val_images, val_steps, example, prior, class_prompt, num_class], [train_md], api_name="train",
+            concurrency_id="train", concurrency_limit=1,
+        ).success(watch_training, [adapter_file], [train_bar, train_md, train_grid, adapter_file, train_card], **private,
                   concurrency_limit=None, show_progress="hidden"
         ).then(load_trained, [adapter_file, prompt, add_trigger, *slot_scales], [*slot_outputs, adapter_msg, prompt],
                **private, **pipe_queue)
