@@ -61,6 +61,8 @@ DEFAULT_SAMPLER = "DPM-Solver++"
 TAG = re.compile(r"<superlora:([^:>]+)(?::([^:>]*))?(?::([^:>]*))?>", re.IGNORECASE)
 PROMPT_LEAD = re.compile(r"^\s*(?:(?:a|an|the)\s+(?:photo|picture|image|painting|drawing|render)\s+of\s+)?(?:(?:a|an|the)\s+)?",
                          re.IGNORECASE)
+XY_AXES = ("scale", "seed", "steps", "guidance", "sampler")
+MAX_XY = 6  # values per X/Y axis (at most 36 images)
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # the bundled subjects (examples/<name>/)
 MAX_CLASS_IMAGES = 200
 PNG_KEY = "superlora"  # the PNG text chunk with the exact settings (JSON); "parameters" holds A1111's line
@@ -129,6 +131,31 @@ def parse_scales(text: str) -> list[float]:
     if any(not math.isfinite(s) or not lo <= s <= hi for s in scales):
         raise UserError(f"sweep scales must lie in [{lo}, {hi}], got {text!r}")
     return scales
+
+
+def parse_axis(axis: str, text: str) -> list[Any]:
+    """An X/Y grid axis: 'seed' + '1, 2, 3' -> [1, 2, 3], bounded like the settings it replaces."""
+    if axis not in XY_AXES:
+        raise UserError(f"unknown X/Y axis {axis!r}; choose one of {', '.join(XY_AXES)}")
+    parts = [p.strip() for p in re.split(r"[,;]+", str(text or "")) if p.strip()]
+    if not parts:
+        raise UserError(f"give the {axis} values, comma-separated")
+    if len(parts) > MAX_XY:
+        raise UserError(f"at most {MAX_XY} values per axis, got {len(parts)} for {axis}")
+    if axis == "sampler":
+        unknown = [p for p in parts if p not in SAMPLERS]
+        if unknown:
+            raise UserError(f"unknown sampler {unknown[0]!r}; choose among {', '.join(SAMPLERS)}")
+        return parts
+    try:
+        values = [int(p) if axis in ("seed", "steps") else float(p) for p in parts]
+    except ValueError:
+        kind = "whole numbers" if axis in ("seed", "steps") else "numbers"
+        raise UserError(f"{axis} values must be {kind} separated by commas, got {text!r}") from None
+    lo, hi = {"scale": SCALE_RANGE, "seed": (0, MAX_SEED), "steps": (1, MAX_STEPS), "guidance": (0, MAX_GUIDANCE)}[axis]
+    if any(not (math.isfinite(v) and lo <= v <= hi) for v in values):
+        raise UserError(f"{axis} values must lie in [{lo}, {hi}], got {text!r}")
+    return values
 
 
 def captioned(image: Image.Image, text: str) -> Image.Image:
@@ -649,6 +676,40 @@ class Studio:
         sheet = labeled_grid(grid_rows, [f"scale {s:g}" for s in sweep], [f"seed {s}" for s in seeds],
                              cell=max(128, width))
         return sheet, seed, sweep
+
+    def xy_grid(self, prompt: str, negative: str = "", seed: Any = 0, randomize: bool = False, steps: Any = 20,
+                guidance: Any = 5.0, width: Any = None, height: Any = None, sampler: str | None = None,
+                x_axis: str = "seed", x_values: str = "0, 1", y_axis: str = "steps", y_values: str = "10, 20",
+                scales: Sequence[float] | None = None, text_scales: Sequence[float] | None = None,
+                progress: Progress | None = None) -> tuple[Image.Image, int]:
+        """A labelled grid over any two of scale (call-time, multiplying the adapter mix), seed, steps, guidance
+        and sampler, as A1111's X/Y plot; every other setting as in Generate. Returns (sheet, the base seed)."""
+        clean, steps, guidance, width, height, sampler, weights = self._prepare(
+            prompt, steps, guidance, width, height, sampler, scales, text_scales)
+        if x_axis == y_axis:
+            raise UserError(f"the X and Y axes are both {x_axis}; pick two different ones")
+        xs, ys = parse_axis(x_axis, x_values), parse_axis(y_axis, y_values)
+        if "scale" in (x_axis, y_axis) and not self.loaded:
+            raise UserError("load an adapter first: the scale axis varies its strength")
+        seed = self._seed(seed, randomize)
+        base = {"seed": seed, "steps": steps, "guidance": guidance, "sampler": sampler, "scale": None}
+        cells = [[{**base, x_axis: x, y_axis: y} for x in xs] for y in ys]
+        rows = []
+        with self.lock:
+            self._activate(weights)
+            report = self._counter(sum(c["steps"] for row in cells for c in row), progress, "X/Y grid")
+            for row in cells:
+                rows.append([])
+                for c in row:
+                    self._use_sampler(c["sampler"])
+                    (image,) = self._run(clean, negative, [c["seed"]], c["steps"], c["guidance"], width, height, report,
+                                         scale=c["scale"])
+                    rows[-1].append(image)
+        def label(axis: str, value: Any) -> str:
+            return f"{axis} {value:g}" if isinstance(value, float) else f"{axis} {value}"
+
+        sheet = labeled_grid(rows, [label(x_axis, x) for x in xs], [label(y_axis, y) for y in ys], cell=max(128, width))
+        return sheet, seed
 
 
 def load_pipeline(path: str, device: str = "cpu"):

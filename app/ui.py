@@ -36,8 +36,10 @@ from .core import (
     MAX_IMAGES,
     MAX_STEPS,
     MAX_SWEEP_ROWS,
+    MAX_XY,
     MAX_TRAIN_STEPS,
     SAMPLERS,
+    XY_AXES,
     SCALE_RANGE,
     TRAIN_IMAGES,
     Studio,
@@ -284,6 +286,18 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                              elem_id="sweep", interactive=False)
                         sweep_seed = gr.Number(label="Sweep seed used", info="row i uses seed + i", value=None, precision=0,
                                                interactive=False, visible=False, elem_id="sweep-seed")
+                        gr.Markdown("**X/Y grid**: any two of scale, seed, steps, guidance and sampler, comma-separated "
+                                    f"values (at most {MAX_XY} each); everything else as set on the left.")
+                        with gr.Row():
+                            x_axis = gr.Dropdown(list(XY_AXES), value="scale", label="X axis", scale=1)
+                            x_values = gr.Textbox("0, 0.5, 1", label="X values", scale=2)
+                            y_axis = gr.Dropdown(list(XY_AXES), value="sampler", label="Y axis", scale=1)
+                            y_values = gr.Textbox(", ".join(SAMPLERS), label="Y values", scale=2)
+                        xy_btn = gr.Button("X/Y grid", variant="primary", elem_id="xy-btn")
+                        xy_img = gr.Image(label="X/Y grid", show_label=False, type="pil", format="png",
+                                          elem_id="xy", interactive=False)
+                        xy_seed = gr.Number(label="X/Y seed used", value=None, precision=0, interactive=False,
+                                            visible=False, elem_id="xy-seed")
                     with gr.Tab("Train", id="train-tab"):
                         gr.Markdown(f"DreamBooth a new SuperLoRA on `{studio.base}` from {TRAIN_IMAGES[0]}-"
                                     f"{TRAIN_IMAGES[1]} photos of one subject, with the library's own training code. "
@@ -392,6 +406,18 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         sweep_btn.click(sweep, [*settings, sweep_scales, sweep_rows, *slot_scales], [sweep_img, sweep_seed],
                         api_name="sweep", **pipe_queue).success(reveal, None, [sweep_seed], **private)
+
+        @api_errors
+        def xy_grid(prompt, negative_prompt, seed, randomize_seed, steps, guidance_scale, width, height, sampler,
+                    x_axis, x_values, y_axis, y_values, scale_1, scale_2, scale_3, scale_4, text_scale_1,
+                    text_scale_2, text_scale_3, text_scale_4, progress=gr.Progress()):
+            """A labelled grid over two of scale, seed, steps, guidance and sampler."""
+            return studio.xy_grid(prompt, negative_prompt, seed, randomize_seed, steps, guidance_scale, width, height,
+                                  sampler, x_axis, x_values, y_axis, y_values, [scale_1, scale_2, scale_3, scale_4],
+                                  [text_scale_1, text_scale_2, text_scale_3, text_scale_4], progress_callback(progress))
+
+        xy_btn.click(xy_grid, [*settings, x_axis, x_values, y_axis, y_values, *slot_scales], [xy_img, xy_seed],
+                     api_name="xy_grid", **pipe_queue).success(reveal, None, [xy_seed], **private)
 
         def read_png(file, *scales):
             """Fill the settings from a PNG this app wrote (its text chunks); loaded adapters get their strengths."""

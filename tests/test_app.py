@@ -247,7 +247,7 @@ def test_upload_of_a_non_safetensors_file(app, world):
 def test_view_api_names_every_parameter_and_output(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(api) == {"/generate", "/compare", "/sweep", "/refresh_adapters", "/load_adapter", "/upload_adapter",
-                        "/remove_adapter", "/adapter_info", "/adapter_cards", "/delete_adapter", "/train",
+                        "/remove_adapter", "/adapter_info", "/adapter_cards", "/delete_adapter", "/xy_grid", "/train",
                         "/train_status", "/stop_training"}
     for name, endpoint in api.items():
         for p in endpoint["parameters"]:
@@ -346,6 +346,23 @@ def test_compare_and_sweep(app):
     for bad, message in [("0, banana", "must be numbers"), ("0, 50", "must lie in"), (",".join(["1"] * 20), "at most")]:
         with pytest.raises(AppError, match=message):
             app.predict(**settings(prompt="a photo", seed=5), sweep_scales=bad, rows=1, api_name="/sweep")
+
+
+def test_xy_grid_over_any_two_settings(app):
+    sheet, used = app.predict(**settings(seed=4), x_axis="seed", x_values="4, 5", y_axis="sampler",
+                              y_values="DDIM, Euler a", api_name="/xy_grid")
+    sheet = Image.open(sheet)
+    assert used == 4 and sheet.width > 2 * 128 and sheet.height > 2 * 128
+    with pytest.raises(AppError, match="load an adapter first: the scale axis"):
+        app.predict(**settings(), x_axis="scale", x_values="0, 1", y_axis="seed", y_values="1", api_name="/xy_grid")
+    app.predict("sks-star", api_name="/load_adapter")
+    sheet, _ = app.predict(**settings(), x_axis="scale", x_values="0, 1", y_axis="guidance", y_values="1, 5",
+                           api_name="/xy_grid")
+    for x, y, message in [("seed", "seed", "both seed"), ("steps", "seed", "steps values must be whole numbers"),
+                          ("guidance", "seed", r"guidance values must lie in \[0, 30.0\]")]:
+        values = "2.5" if "whole" in message else "99" if "lie in" in message else "1"
+        with pytest.raises(AppError, match=message):
+            app.predict(**settings(), x_axis=x, x_values=values, y_axis=y, y_values="1", api_name="/xy_grid")
 
 
 # ---- training ----------------------------------------------------------------------------------------
