@@ -221,7 +221,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     width = gr.Slider(m, max_side, value=native, step=m, label="Width")
                     height = gr.Slider(m, max_side, value=native, step=m, label="Height")
                 png_drop = gr.File(label="Drop a PNG made here to reuse its settings", file_types=[".png"],
-                                   file_count="single", height=90, elem_id="png-drop")
+                                   file_count="single", height=120, elem_id="png-drop")
 
                 gr.Markdown("### Adapters")
                 with gr.Row():
