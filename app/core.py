@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 import superlora_diffusers  # noqa: F401  (attaches the pipeline verbs)
 from superlora_diffusers import SuperLoRAConfig, SuperLoRAFileError
-from superlora_diffusers.training import TrainingError, parse_args
+from superlora_diffusers.training import TrainingConfig, TrainingError
 from superlora_diffusers.training.adapter import adapter_config, describe
 from superlora_diffusers.training.data import IMAGE_EXTENSIONS
 from superlora_diffusers.serialization import WEIGHT_NAME
@@ -867,42 +867,36 @@ class Trainer:
             stem, i = out.name, 2
             while out.exists():
                 out, i = out.with_name(f"{stem}-{i}"), i + 1
-            argv = [
-                "--pretrained_model_name_or_path", self.studio.base,
-                "--instance_data_dir", str(out / "instance_images"), "--instance_prompt", prompt,
-                "--output_dir", str(out), "--max_train_steps", str(steps), "--superlora_preset", preset,
-                "--learning_rate", str(lr), "--seed", str(seed), "--report_to", "none",
-                "--validation_prompt", prompt, "--validation_steps", str(max(1, math.ceil(steps / 4))),
-                "--num_validation_images", str(n_val), "--num_inference_steps", str(n_inf),
-                "--checkpointing_steps", str(MAX_TRAIN_STEPS + 1), "--random_flip",
-            ]
-            if budget is not None:
-                argv += ["--param_budget", str(budget)]
+            config_args = dict(
+                pretrained_model_name_or_path=self.studio.base, instance_data_dir=str(out / "instance_images"),
+                instance_prompt=prompt, output_dir=str(out), max_train_steps=steps, superlora_preset=preset,
+                learning_rate=lr, seed=seed, report_to="none", validation_prompt=prompt,
+                validation_steps=max(1, math.ceil(steps / 4)), num_validation_images=n_val, num_inference_steps=n_inf,
+                checkpointing_steps=MAX_TRAIN_STEPS + 1, random_flip=True, param_budget=budget,
+            )
             if prior:
-                argv += ["--with_prior_preservation", "--class_prompt", class_prompt, "--num_class_images",
-                         str(n_class), "--class_data_dir", str(out / "class_images")]
+                config_args.update(with_prior_preservation=True, class_prompt=class_prompt, num_class_images=n_class,
+                                   class_data_dir=str(out / "class_images"))
             try:
-                args = parse_args(argv)
+                training = TrainingConfig(**config_args).validate()
                 pipe = self.studio.pipe
                 components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-                config, _ = adapter_config(args, lambda targets: target_shapes(components, targets))
+                config, _ = adapter_config(training, lambda targets: target_shapes(components, targets))
                 from superlora_diffusers import count_parameters
 
                 n_params = count_parameters(config, target_shapes(components, config.target_modules))
             except (TrainingError, ValueError) as e:
                 raise UserError(one_line(e)) from None
-            except SystemExit:
-                raise UserError("invalid training settings") from None
             (out / "instance_images").mkdir(parents=True)
             for k, (src, image) in enumerate(zip(paths, images)):
                 image.save(out / "instance_images" / f"{k:02d}.png")
             job = TrainJob(out.name, out, prompt, steps, describe(config), n_params)
             self.job = job
-            self.thread = threading.Thread(target=self._run, args=(job, args), name=f"train-{out.name}", daemon=True)
+            self.thread = threading.Thread(target=self._run, args=(job, training), name=f"train-{out.name}", daemon=True)
             self.thread.start()
         return job
 
-    def _run(self, job: TrainJob, args) -> None:
+    def _run(self, job: TrainJob, training: TrainingConfig) -> None:
         from superlora_diffusers.training import train
 
         def on_step(step: int, max_steps: int, loss: float) -> None:
@@ -912,7 +906,7 @@ class Trainer:
                 raise Cancelled()
 
         try:
-            weights = train(args, on_step=on_step)
+            weights = train(training, on_step=on_step)
             job.weights = str(weights)
             job.state = "done"
         except Cancelled:
