@@ -131,6 +131,8 @@ METHODS: dict[str, dict] = {
     "ax_r2_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=2), "ti": True},
     "ax_r8_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=8), "ti": True},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
+    # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
+    "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},
     # textual inversion alone: the "sks" input embedding (128 params; ignores --targets/--train_text_encoder), and
     # pivotal tuning ("ti": the same embedding trained beside the adapter, at --ti_lr)
     "ti": {"kind": "ti", "family": "textual inversion"},
