@@ -566,7 +566,7 @@ def test_browser_labels_seeds_and_the_upload_box(app, page, world):
     """Problem 5: distinct step labels, no seed before a run, the sweep's seed in its own box, upload box emptied."""
     from playwright.sync_api import expect
 
-    assert page.get_by_label("number input for Sampling steps", exact=True).count() == 1
+    expect(page.get_by_label("number input for Sampling steps", exact=True)).to_have_count(1)  # waits for the page
     expect(page.locator("#seed-used input")).to_have_count(0)  # no seed shown before anything was generated
     page.locator("#upload input[type=file]").set_input_files(
         str(world["adapters"] / "sks-star" / "superlora_weights.safetensors"))
