@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..serialization import WEIGHT_NAME
 from ..superlora import lora_parameter_count, versus_lora1
 from ..targets import layer_shape
 from ..tokens import token_ids_for
@@ -36,7 +37,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_w
 class SuperLoRAAdapter:
     """The one shared SuperLoRA over the UNet (and text encoder): the project's own adapter."""
 
-    weight_name, ema_weight_name = "superlora_weights.safetensors", "superlora_weights_ema.safetensors"
+    weight_name, ema_weight_name = WEIGHT_NAME, "superlora_weights_ema.safetensors"
     title, load_code = "SuperLoRA", 'pipe.load_superlora_weights("{out}")'
 
     def __init__(self, cfg: TrainingConfig, tokenizer, unet: nn.Module, text_encoder: nn.Module) -> None:

@@ -6,7 +6,6 @@ Only the SuperLoRA factors train: they stay fp32 whatever `--mixed_precision` is
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ from .data import (
     latent_stats,
     load_examples,
 )
-
-logger = logging.getLogger("superlora.dreambooth")
 
 
 @dataclass
