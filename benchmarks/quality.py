@@ -285,9 +285,9 @@ def add_adapter(method: str, unet, te, seed: int, targets: str = "attention", te
     if not spec.get("ti"):
         return params, [], file_bytes, train_text
     if spec["kind"] == "superlora":  # the shipped pivotal tuning: the offsets are the module's `tokens.delta`
-        from superlora_diffusers.model import get_superlora_model
+        from superlora_diffusers.components import find_generators
 
-        delta = get_superlora_model({"unet": unet, "text_encoder": te}).adapters["default"].module.tokens.delta
+        delta = find_generators({"unet": unet})["default"].tokens.delta
         return [p for p in params if p is not delta], [delta], file_bytes, True
     delta, ti_bytes = add_token_delta(te)  # after the adapter and zero: the adapter's random draws are unchanged
     return params, [delta], lambda: file_bytes() + ti_bytes(), True
@@ -368,7 +368,7 @@ def add_token_delta(te) -> tuple[torch.nn.Parameter, Callable[[], int]]:
 def _add_superlora(spec: dict, unet, te, targets: str, text: bool) -> Built:
     """One SuperLoRA module over every target of the UNet (and, "+text", CLIP's attention)."""
     from superlora_diffusers import SuperLoRAConfig
-    from superlora_diffusers.model import get_superlora_model, inject_superlora
+    from superlora_diffusers import inject_superlora
     from superlora_diffusers.serialization import serialize
 
     kwargs = dict(spec["config"])
@@ -383,10 +383,9 @@ def _add_superlora(spec: dict, unet, te, targets: str, text: bool) -> Built:
     components = {"unet": unet, "text_encoder": te}
     module = inject_superlora(components, config)
     params = [p for p in module.parameters() if p.requires_grad]
-    targets = get_superlora_model(components).adapters["default"].targets
 
     def file_bytes() -> int:
-        return len(serialize(module, targets))
+        return len(serialize(module, module.targets))
     return params, file_bytes, "text" in config.target_modules
 
 
@@ -556,13 +555,12 @@ def trained_deltas(unet, te) -> dict[str, torch.Tensor]:
     ("unet.<path>", "text_encoder.<path>"): peft LoRA / LoKr layers, or the one injected SuperLoRA."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from superlora_diffusers.model import get_superlora_model
+    from superlora_diffusers.components import find_generators
 
     components = {"unet": unet, "text_encoder": te}
-    model = get_superlora_model(components)
-    if model is not None:
-        adapter = model.adapters["default"]
-        return {n: d.detach().float().cpu().contiguous() for n, d in zip(adapter.targets, adapter.module())}
+    generator = find_generators(components).get("default")
+    if generator is not None:
+        return {n: d.detach().float().cpu().contiguous() for n, d in zip(generator.targets, generator())}
     out = {}
     for component, module in components.items():
         for path, layer in module.named_modules():

@@ -281,17 +281,15 @@ class Adapter:
 
             state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
             return len(save(state))
-        from superlora_diffusers.model import get_superlora_model
         from superlora_diffusers.serialization import serialize
 
-        targets = get_superlora_model({"unet": self.unet}).adapters["default"].targets
-        return len(serialize(self.module, targets))
+        return len(serialize(self.module, self.module.targets))
 
     def remove(self) -> None:
         if self.module is None:
             self.unet.unload_lora()
         else:
-            from superlora_diffusers.model import remove_superlora
+            from superlora_diffusers.components import remove_superlora
 
             remove_superlora({"unet": self.unet})
         self.params = []
@@ -421,7 +419,7 @@ def unet_only(unet):
 def random_adapter_file(components: dict, kwargs: dict, target_modules: str, folder: str, seed: int = 0) -> Path:
     """Inject a SuperLoRA, give every factor small random values (a non-zero ΔW), save it, remove it."""
     from superlora_diffusers import SuperLoRAConfig, inject_superlora
-    from superlora_diffusers.model import get_superlora_model, remove_superlora
+    from superlora_diffusers.components import remove_superlora
     from superlora_diffusers.serialization import WEIGHT_NAME, save_superlora_file
 
     module = inject_superlora(components, SuperLoRAConfig(**kwargs, target_modules=target_modules))
@@ -429,8 +427,7 @@ def random_adapter_file(components: dict, kwargs: dict, target_modules: str, fol
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    targets = get_superlora_model(components).adapters["default"].targets
-    path = save_superlora_file(Path(folder) / WEIGHT_NAME, module, targets, overwrite=True)
+    path = save_superlora_file(Path(folder) / WEIGHT_NAME, module, module.targets, overwrite=True)
     remove_superlora(components)
     return path
 

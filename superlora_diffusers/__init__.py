@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from .config import PRESETS, SuperLoRAConfig, config_from_preset
 from .loaders import SuperLoRALoaderMixin, attach
-from .model import SuperLoRAModel, inject_superlora
+from .components import inject_superlora
 from .serialization import WEIGHT_NAME, SuperLoRAFileError
 from .superlora import SuperLoRA, count_parameters, lora_parameter_count
 from .targets import find_targets
@@ -28,7 +28,6 @@ __all__ = [
     "SuperLoRALayer",
     "SuperLoRATuner",
     "SuperLoRALoaderMixin",
-    "SuperLoRAModel",
     "config_from_preset",
     "count_parameters",
     "find_targets",

@@ -368,6 +368,7 @@ def merge_adapter(adapter, base: str, out_dir: str | Path, scale: float = 1.0, d
     import shutil
     import tempfile
 
+    from .components import remove_superlora
     from .serialization import umask_mode
     from .toy import resolve_base_model
 
@@ -382,6 +383,7 @@ def merge_adapter(adapter, base: str, out_dir: str | Path, scale: float = 1.0, d
     pipe = load_base_pipeline(base)
     load_into(pipe, adapter, parsed)
     pipe.fuse_superlora(scale)
+    remove_superlora(pipe._superlora_components(), keep_fused=True)  # plain layers and weights, as diffusers saves them
     try:
         base_path = resolve_base_model(base)
     except FileNotFoundError:

@@ -2,7 +2,8 @@
 
 `import superlora_diffusers` attaches `SuperLoRALoaderMixin`'s methods to `diffusers.DiffusionPipeline`,
 so every pipeline with a UNet (and optional text encoders: SD 1.x/2.x, SDXL) gets them. Each verb is one
-method here; the work happens in `model.py` (injection) and `serialization.py` (the file).
+method here; the work happens in `components.py` (one adapter over the pipeline's models, through peft) and
+`serialization.py` (the file).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .model import SuperLoRAModel, get_superlora_model, remove_superlora
+from . import components as parts
+from .tuner import SharedGenerator
 from .serialization import (
     WEIGHT_NAME,
     SuperLoRAFile,
@@ -39,11 +41,11 @@ class SuperLoRALoaderMixin:
             raise ValueError(f"{type(self).__name__} has no UNet; SuperLoRA supports UNet pipelines (SD 1.x/2.x, SDXL).")
         return {k: v for k, v in components.items() if v is not None}
 
-    def _superlora_model(self) -> SuperLoRAModel:
-        model = get_superlora_model(self._superlora_components())
-        if model is None or not model.adapters:
+    def _superlora_generators(self) -> dict[str, SharedGenerator]:
+        generators = parts.find_generators(self._superlora_components())
+        if not generators:
             raise ValueError("no SuperLoRA is loaded; call pipe.load_superlora_weights(...) first.")
-        return model
+        return generators
 
     def _resolve_targets(self, parsed: SuperLoRAFile, source: str) -> list[Target]:
         """The pipeline's layers for the file's targets; the first missing or mis-shaped one is an error."""
@@ -73,7 +75,7 @@ class SuperLoRALoaderMixin:
         if tokenizer is None or encoder is None:
             raise SuperLoRAFileError(f"{source} trains the embedding of {config.token!r}, but this pipeline has no "
                                      "tokenizer and text_encoder.")
-        ids, dim = token_ids_for(tokenizer, config.token), encoder.get_input_embeddings().embedding_dim
+        ids, dim = token_ids_for(tokenizer, config.token), encoder.get_input_embeddings().weight.shape[1]
         if tuple(ids) != config.token_ids or dim != config.token_dim:
             raise SuperLoRAFileError(
                 f"{source} was trained for another base model: its word {config.token!r} is token ids "
@@ -110,41 +112,35 @@ class SuperLoRALoaderMixin:
         targets = self._resolve_targets(parsed, source)
         self._check_token(parsed, source)
         components = self._superlora_components()
-        existing = get_superlora_model(components)
-        if adapter_name is None and hotswap:
-            raise ValueError("hotswap=True replaces a loaded adapter: pass its adapter_name.")
-        if adapter_name is None:
-            taken = set(existing.adapters) if existing else set()
-            adapter_name = next(f"default_{i}" for i in range(len(taken) + 1) if f"default_{i}" not in taken)
-        if existing is not None and existing.originals is not None:
-            raise ValueError("a SuperLoRA is fused; call pipe.unfuse_superlora() before loading another adapter.")
+        generators = parts.find_generators(components)
         if hotswap:
-            return _hotswap(existing, adapter_name, parsed, targets, source)
-        if existing is not None and adapter_name in existing.adapters:
+            if adapter_name is None:
+                raise ValueError("hotswap=True replaces a loaded adapter: pass its adapter_name.")
+            return _hotswap(generators, adapter_name, parsed, targets, source)
+        if adapter_name is None:
+            adapter_name = next(f"default_{i}" for i in range(len(generators) + 1) if f"default_{i}" not in generators)
+        if adapter_name in generators:
             raise ValueError(f"adapter name {adapter_name!r} is already loaded; pass another adapter_name, unload it "
                              "first, or replace its factors with hotswap=True.")
-        module = parsed.build().to(targets[0].module.weight.device)
-        model = get_superlora_model(components, create=True)
-        model.add_adapter(adapter_name, module, targets, parsed.metadata)
-        self._wrap_encode_prompt(model)
+        generator = parts.inject_superlora(components, parsed.config, adapter_name, parsed.metadata, targets)
+        generator.load_state_dict(parsed.state_dict)
         return adapter_name
 
     def save_superlora_weights(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
                                weight_name: str = WEIGHT_NAME, overwrite: bool = False,
                                metadata: dict[str, str] | None = None) -> Path:
         """Write one adapter (default: the only one loaded) to `save_directory/weight_name`, atomically."""
-        model = self._superlora_model()
-        name = self._single_adapter(model, adapter_name)
-        adapter = model.adapters[name]
-        extra = {k: v for k, v in adapter.metadata.items() if k not in _HEADER_FIELDS}
+        generator = self._single_adapter(adapter_name)[1]
+        extra = {k: v for k, v in generator.metadata.items() if k not in _HEADER_FIELDS}
         extra.update(metadata or {})
-        return save_superlora_file(Path(save_directory) / weight_name, adapter.module, adapter.targets, extra, overwrite)
+        return save_superlora_file(Path(save_directory) / weight_name, generator, generator.targets, extra, overwrite)
 
     def set_superlora_adapters(self, adapter_names: str | list[str],
                                adapter_weights: float | dict[str, float] | list[float | dict[str, float]] | None = None
                                ) -> None:
-        """Activate these adapters (all others off), each with its weight (default 1.0): a float, or a dict per
-        component as in diffusers' `set_adapters`, e.g. {"unet": 0.8, "text_encoder": 1.0} (omitted ones 1.0)."""
+        """Activate these adapters (all others off, a peft LoRA too, as diffusers' `set_adapters` does), each with its
+        weight (default 1.0): a float, or a dict per component, e.g. {"unet": 0.8, "text_encoder": 1.0} (omitted
+        ones 1.0). SuperLoRA names are checked here; then diffusers' `set_adapters` does the work."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if adapter_weights is None:
             weights = [1.0] * len(names)
@@ -152,109 +148,119 @@ class SuperLoRALoaderMixin:
             weights = [adapter_weights] * len(names)
         else:
             weights = list(adapter_weights)
-        self._superlora_model().set_adapters(names, weights)
+        components = self._superlora_components()
+        for name in names:
+            self._single_adapter(name)
+        if len(names) != len(weights):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} weights; pass one weight per adapter.")
+        for name, weight in zip(names, weights):
+            unknown = sorted(set(weight) - set(components)) if isinstance(weight, dict) else []
+            if unknown:
+                raise ValueError(f"adapter {name!r}: unknown component {unknown[0]!r} in its weight dict; "
+                                 f"use {', '.join(repr(c) for c in components)}.")
+        self.set_adapters(names, [dict(w) if isinstance(w, dict) else float(w) for w in weights])
 
     def get_active_superlora_adapters(self) -> dict[str, float | dict[str, float]]:
-        """Active adapter -> its weight as set: a float, or the per-component dict."""
-        model = get_superlora_model(self._superlora_components())
-        return {name: dict(w) if isinstance(w, dict) else w for name, w in model.weights.items()} if model else {}
+        """Active SuperLoRA -> its weight: a float, or a dict per component where they differ."""
+        components = self._superlora_components()
+        active = parts.active_adapters(components)
+        out: dict[str, float | dict[str, float]] = {}
+        for name in parts.find_generators(components):
+            if name in active:
+                weights = parts.adapter_weights(components, name)
+                out[name] = next(iter(weights.values())) if len(set(weights.values())) == 1 else weights
+        return out
 
     def get_list_superlora_adapters(self) -> list[str]:
-        model = get_superlora_model(self._superlora_components())
-        return list(model.adapters) if model else []
+        return list(parts.find_generators(self._superlora_components()))
 
     def delete_superlora_adapters(self, adapter_names: str | list[str]) -> None:
-        model = self._superlora_model()
-        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            model.delete_adapter(name)
-        if not model.adapters:
-            self.unload_superlora_weights()
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._single_adapter(name)
+        components = self._superlora_components()
+        if any(layer.merged for _, layer in parts.superlora_layers(components)):
+            raise ValueError("a SuperLoRA is fused; call unfuse_superlora() before deleting an adapter.")
+        for name in names:
+            parts.delete_superlora(components, name)
+        if not parts.find_generators(components):
+            parts.remove_superlora(components)
 
     def fuse_superlora(self, scale: float = 1.0) -> None:
         """Bake scale · (weighted sum of active adapters' ΔW) into the base weights: zero inference overhead."""
-        self._superlora_model().fuse(scale)
+        self._superlora_generators()
+        parts.fuse(self._superlora_components(), scale)
 
     def unfuse_superlora(self) -> None:
         """Restore the base weights bit-for-bit (the originals were kept at fuse time)."""
-        model = self._superlora_model()
-        for layer in model.layers.values():
-            processor = getattr(layer.parent, "processor", None)
-            if processor is not None and "Fused" in type(processor).__name__:
-                raise RuntimeError("fused QKV projections were built from the fused SuperLoRA weights; call "
-                                   "pipe.unfuse_qkv_projections() before pipe.unfuse_superlora().")
-        model.unfuse()
+        self._superlora_generators()
+        if any(parts._fused_qkv(m) for m in self.unet.modules() if hasattr(m, "processor")):
+            raise RuntimeError("fused QKV projections were built from the fused SuperLoRA weights; call "
+                               "pipe.unfuse_qkv_projections() before pipe.unfuse_superlora().")
+        parts.unfuse(self._superlora_components())
 
     def unload_superlora_weights(self) -> None:
-        """Remove every SuperLoRA: the pipeline is back to the untouched base (fused weights restored)."""
-        remove_superlora(self._superlora_components())
-        if "encode_prompt" in vars(self):
-            del self.encode_prompt
+        """Remove every SuperLoRA: the pipeline is back to the untouched base (fused weights restored); a peft LoRA
+        loaded beside them stays."""
+        parts.remove_superlora(self._superlora_components())
 
     def disable_superlora(self) -> None:
-        self._superlora_model().enabled = False
+        self._superlora_generators()
+        for _, layer in parts.superlora_layers(self._superlora_components()):
+            layer.enable_adapters(False)
 
     def enable_superlora(self) -> None:
-        self._superlora_model().enabled = True
+        self._superlora_generators()
+        for _, layer in parts.superlora_layers(self._superlora_components()):
+            layer.enable_adapters(True)
 
     def get_superlora_info(self, adapter_name: str | None = None) -> dict[str, Any]:
         """Trainable parameters, file bytes, config, targets, and a rank-1 LoRA's count for the same targets."""
-        model = self._superlora_model()
-        name = self._single_adapter(model, adapter_name)
-        adapter = model.adapters[name]
-        shapes = adapter.module.shapes
-        n_params = adapter.module.num_parameters()
+        name, generator = self._single_adapter(adapter_name)
+        shapes = generator.shapes
+        n_params = generator.num_parameters()
         lora1 = lora_parameter_count(shapes, rank=1)
-        extra = {k: v for k, v in adapter.metadata.items() if k not in _HEADER_FIELDS}
+        extra = {k: v for k, v in generator.metadata.items() if k not in _HEADER_FIELDS}
         return {
             "adapter_name": name,
             "num_parameters": n_params,
-            "file_bytes": len(serialize(adapter.module, adapter.targets, extra)),
-            "config": adapter.config.to_dict(),
-            "targets": list(adapter.targets),
+            "file_bytes": len(serialize(generator, generator.targets, extra)),
+            "config": generator.config.to_dict(),
+            "targets": list(generator.targets),
             "adapted_entries": sum(o * i for o, i in shapes),
             "lora_rank1_parameters": lora1,
             "lora_rank1_ratio": lora1 / n_params,
-            "weight": model.weights.get(name, 0.0),
+            "weight": self.get_active_superlora_adapters().get(name, 0.0),
             "metadata": extra,
         }
 
     # ---- internals ----------------------------------------------------------------------------------
-    @staticmethod
-    def _single_adapter(model: SuperLoRAModel, adapter_name: str | None) -> str:
+    def _single_adapter(self, adapter_name: str | None) -> tuple[str, SharedGenerator]:
+        """(name, generator) of `adapter_name`, or of the only adapter loaded when it is None."""
+        generators = self._superlora_generators()
         if adapter_name is not None:
-            model._require(adapter_name)
-            return adapter_name
-        if len(model.adapters) > 1:
-            raise ValueError(f"several SuperLoRAs are loaded ({sorted(model.adapters)}); pass adapter_name=.")
-        return next(iter(model.adapters))
-
-    def _wrap_encode_prompt(self, model: SuperLoRAModel) -> None:
-        """diffusers hands `cross_attention_kwargs["scale"]` to the text encoders as `encode_prompt(lora_scale=)`
-        and applies it to peft layers only; route it to the SuperLoRA's text-encoder targets too."""
-        original = getattr(type(self), "encode_prompt", None)
-        if original is None or "encode_prompt" in vars(self):
-            return
-
-        def encode_prompt(*args: Any, **kwargs: Any):
-            with model.text_scale(kwargs.get("lora_scale")):
-                return original(self, *args, **kwargs)
-
-        self.encode_prompt = encode_prompt
+            if adapter_name not in generators:
+                raise ValueError(f"no SuperLoRA adapter named {adapter_name!r}; loaded: {sorted(generators)}.")
+            return adapter_name, generators[adapter_name]
+        if len(generators) > 1:
+            raise ValueError(f"several SuperLoRAs are loaded ({sorted(generators)}); pass adapter_name=.")
+        return next(iter(generators.items()))
 
 
-def _hotswap(model: SuperLoRAModel | None, adapter_name: str, parsed: SuperLoRAFile, targets: list[Target],
+def _hotswap(generators: dict[str, SharedGenerator], adapter_name: str, parsed: SuperLoRAFile, targets: list[Target],
              source: str) -> str:
-    """Copy a file's factors into the loaded adapter of the same layout, in place."""
-    if model is None or adapter_name not in model.adapters:
+    """Copy a file's factors into the loaded adapter of the same layout, in place (compiled graphs read them by
+    reference, so nothing recompiles)."""
+    generator = generators.get(adapter_name)
+    if generator is None:
         raise ValueError(f"hotswap=True replaces a loaded adapter, and {adapter_name!r} is not loaded; load it first "
                          "or drop hotswap.")
-    adapter = model.adapters[adapter_name]
-    if parsed.config.to_dict() != adapter.config.to_dict() or [t.name for t in targets] != adapter.targets:
+    if parsed.config.to_dict() != generator.config.to_dict() or [t.name for t in targets] != generator.targets:
         raise SuperLoRAFileError(f"{source} has another layout than adapter {adapter_name!r} (its config or targets "
                                  "differ); hotswap needs the same layout, so load it under another adapter_name.")
     with torch.no_grad():
-        adapter.module.load_state_dict(parsed.state_dict)  # copies into the same tensors
-    adapter.metadata = parsed.metadata
+        generator.load_state_dict(parsed.state_dict)  # copies into the same tensors
+    generator.metadata = parsed.metadata
     return adapter_name
 
 

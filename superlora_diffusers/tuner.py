@@ -20,10 +20,11 @@ generation is traced into the graph and no data-dependent Python remains.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from abc import abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,8 @@ class SharedGenerator(SuperLoRA):
 
     def __init__(self, config: SuperLoRAConfig, shapes: list[tuple[int, int]]) -> None:
         super().__init__(config, shapes)
+        self.targets: list[str] = []  # the adapted weights' names in slot order ("unet.<path>"; the file's targets)
+        self.metadata: dict[str, str] = {}  # the rest of the adapter file's header (instance prompt, kernels, ...)
         self.generations = 0  # how many times the whole ΔW list was generated in eager mode (tests count it)
         self.changes = 0  # bumped whenever the factors may have been replaced (.to(), load_state_dict)
         self.cache = _Cache()
@@ -76,8 +79,12 @@ class SharedGenerator(SuperLoRA):
             setattr(owner, GENERATORS, nn.ModuleDict())
         getattr(owner, GENERATORS)[adapter_name] = self
         self.cache.owner, self.cache.name = weakref.ref(owner), adapter_name
-        self.cache.hooks = [owner.register_forward_pre_hook(self._begin),
-                            owner.register_forward_hook(self._end, always_call=True)]
+        self.follow(owner)
+
+    def follow(self, model: nn.Module) -> None:
+        """Generate at most once per forward of `model` too (a text encoder whose layers read this generator)."""
+        self.cache.hooks += [model.register_forward_pre_hook(self._begin),
+                             model.register_forward_hook(self._end, always_call=True)]
 
     def release(self) -> None:
         """A layer dropped this adapter; the last one to do so removes the generator from its owner."""
@@ -156,6 +163,8 @@ class SuperLoRALayer(BaseTunerLayer):
 
     `superlora_shared` maps adapter -> generator in a plain dict: the layer reads the generator without owning it
     (it is registered once, in the model). peft's `set_adapter`/`enable_adapters` toggle its requires_grad.
+    Subclasses give `_forward_with_delta` (the base output with ΔW added to the weight) and `_low_rank_forward`
+    (x·Aᵀ·Bᵀ in their kind of operation).
     """
 
     adapter_layer_names = ("superlora_shared",)
@@ -168,6 +177,7 @@ class SuperLoRALayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        self.unmerged_weight: torch.Tensor | None = None  # the base weight before merging (exact unmerge)
 
     def update_layer(self, adapter_name: str, generator: SharedGenerator, slot: int, inference_mode: bool = False) -> None:
         self.superlora_shared[adapter_name] = generator
@@ -205,9 +215,10 @@ class SuperLoRALayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         with torch.no_grad():  # merging only; inference caching makes every layer share one generation
             delta = self.superlora_shared[adapter].deltas()[self.superlora_slot[adapter]]
-        return (self.scaling[adapter] * delta).view(weight.shape).to(weight.dtype)
+        return (self.scaling[adapter] * delta).view(weight.shape).to(weight)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add each adapter's scaling · ΔW into the base weight, keeping a CPU copy of it for an exact unmerge."""
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.superlora_slot:
                 continue
@@ -215,15 +226,17 @@ class SuperLoRALayer(BaseTunerLayer):
             merged = weight.data + self.get_delta_weight(adapter)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights; the adapter {adapter} seems to be broken.")
+            if not self.merged_adapters:
+                self.unmerged_weight = weight.detach().to("cpu", copy=True)
             weight.data = merged
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """Subtract what `merge` added (as peft's LoRA does: equal up to float rounding, not bit for bit)."""
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.superlora_slot:
-                self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
+        """Put back the weight as it was before the first merge, bit for bit (peft's LoRA subtracts instead)."""
+        if self.merged_adapters and self.unmerged_weight is not None:
+            weight = self.get_base_layer().weight
+            weight.data = self.unmerged_weight.to(weight.device)
+        self.merged_adapters, self.unmerged_weight = [], None
 
     # -- forward --
     def _adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -236,7 +249,7 @@ class SuperLoRALayer(BaseTunerLayer):
         delta, factored = self._terms()
         out = self._forward_with_delta(x, delta, *args, **kwargs)
         for scale, b, a in factored:
-            out = out + scale * self._low_rank_forward(x, b.to(x.dtype), a.to(x.dtype))
+            out = out + scale * self._low_rank_forward(x, b.to(x), a.to(x))
         return out
 
     def _terms(self) -> tuple[torch.Tensor | None, list[tuple[float, torch.Tensor, torch.Tensor]]]:
@@ -265,14 +278,6 @@ class SuperLoRALayer(BaseTunerLayer):
         """Whether x·Aᵀ·Bᵀ can stand in for this layer's ΔW (Conv2d narrows it)."""
         return True
 
-    @abstractmethod
-    def _forward_with_delta(self, x: torch.Tensor, delta: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base layer's output with `delta` (or nothing, when None) added to its weight."""
-
-    @abstractmethod
-    def _low_rank_forward(self, x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """x·Aᵀ·Bᵀ in this layer's kind of operation."""
-
 
 class _Wrapper(nn.Module, SuperLoRALayer):
     """The module part shared by `Linear` and `Conv2d` (nn.Module first, as peft's layers, so `forward` is ours)."""
@@ -299,8 +304,8 @@ class Linear(_Wrapper):
         if delta is None:
             return base(x, *args, **kwargs)
         if isinstance(base, BaseTunerLayer):  # another adapter (e.g. a peft LoRA) wraps the weight: keep its output
-            return base(x, *args, **kwargs) + F.linear(x, delta.to(x.dtype))
-        return F.linear(x, base.weight + delta.to(base.weight.dtype), base.bias)
+            return base(x, *args, **kwargs) + F.linear(x, delta.to(x))
+        return F.linear(x, base.weight + delta.to(base.weight), base.bias)
 
     def _low_rank_forward(self, x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, a), b)
@@ -317,7 +322,7 @@ class Conv2d(_Wrapper):
         base, conv = self.base_layer, self.get_base_layer()
         if delta is None:
             return base(x, *args, **kwargs)
-        delta = delta.view(conv.weight.shape).to(conv.weight.dtype)
+        delta = delta.view(conv.weight.shape).to(conv.weight)
         if isinstance(base, BaseTunerLayer):
             return base(x, *args, **kwargs) + conv._conv_forward(x, delta, None)
         return conv._conv_forward(x, conv.weight + delta, conv.bias)
@@ -327,6 +332,30 @@ class Conv2d(_Wrapper):
         conv = self.get_base_layer()
         h = F.conv2d(x, a.reshape(a.shape[0], *conv.weight.shape[1:]), None, conv.stride, conv.padding, conv.dilation)
         return F.conv2d(h, b[..., None, None])
+
+
+class Embedding(_Wrapper):
+    """Pivotal tuning: an adapter's token offsets added to a text encoder's input embeddings where the input ids
+    are its word's (`tokens.TokenOffsets`). As a tuner layer, the offsets follow the adapter's weight, the call-time
+    scale, disabling, fusing and deleting exactly as the ΔW of the projections do."""
+
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        out = self.base_layer(input_ids, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return out
+        for adapter in self.active_adapters:
+            generator = self.superlora_shared.get(adapter)
+            if generator is not None and self.scaling[adapter] != 0:
+                out = generator.tokens(input_ids, out, self.scaling[adapter])
+        return out
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """scaling · offsets on the word's rows of the embedding table, zero elsewhere."""
+        table, tokens = self.get_base_layer().weight, self.superlora_shared[adapter].tokens
+        rows = (self.scaling[adapter] * tokens.delta.detach()).to(table)
+        return torch.zeros_like(table).index_add_(0, tokens.ids.to(table.device), rows)
 
 
 # ---- targets ----------------------------------------------------------------------------------------------
@@ -361,6 +390,22 @@ def model_targets(model: nn.Module, config: SuperLoRAConfig) -> list[tuple[str, 
 
 
 # ---- the tuner --------------------------------------------------------------------------------------------
+_SHARED: ContextVar[tuple[SharedGenerator, dict[str, int]] | None] = ContextVar("superlora_shared", default=None)
+TOKEN_SLOT = -1  # the slot of the input embeddings (pivotal tuning) among a model's targets
+
+
+@contextlib.contextmanager
+def sharing(generator: SharedGenerator, slots: dict[str, int]) -> Iterator[None]:
+    """Inside the block, injecting `generator`'s adapter into a model wraps exactly the modules named in `slots`
+    (module path -> slot in the generator; `TOKEN_SLOT` for the input embeddings) and reads `generator`, which
+    another model owns, instead of building one over that model alone: one super-vector over several models."""
+    token = _SHARED.set((generator, slots))
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def _is_generator_key(key: str, adapter_name: str) -> bool:
     """Whether a state-dict key belongs to `adapter_name`'s generator (at any depth: PeftModel adds a prefix)."""
     marker = f"{GENERATORS}.{adapter_name}."
@@ -381,6 +426,10 @@ class SuperLoRATuner(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: SuperLoRAConfig, adapter_name: str) -> None:
         """Find every target first (the layout depends on all shapes), build the generator, register it once."""
+        shared = _SHARED.get()
+        if shared is not None:  # a pipeline-wide adapter: its generator exists and is owned by another model
+            self._superlora_shared = shared
+            return
         if config.token is not None:
             raise ValueError("pivotal tuning (token=...) needs the pipeline's text encoder and tokenizer; load it with "
                              "pipe.load_superlora_weights, not add_adapter / get_peft_model.")
@@ -388,19 +437,22 @@ class SuperLoRATuner(BaseTuner):
         generator = SharedGenerator(config, [layer_shape(layer) for _, layer in targets])
         generator.to(targets[0][1].weight.device)
         generator.attach(model, adapter_name)
-        self._superlora_slots = {key: slot for slot, (key, _) in enumerate(targets)}
+        generator.targets = [key for key, _ in targets]
+        # a tuple, not an attribute: the tuner is an nn.Module (PeftModel keeps it), which must not own the generator
+        self._superlora_shared = (generator, {key: slot for slot, (key, _) in enumerate(targets)})
 
     def _check_target_module_exists(self, config: SuperLoRAConfig, key: str) -> bool:
-        return key in self._superlora_slots
+        return key in self._superlora_shared[1]
 
     def _create_and_replace(self, config: SuperLoRAConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **kwargs: Any) -> None:
-        generator = getattr(self.model, GENERATORS)[adapter_name]
-        slot = self._superlora_slots[current_key]
+        generator, slots = self._superlora_shared
+        slot = slots[current_key]
         if isinstance(target, SuperLoRALayer):  # a second SuperLoRA on the same layer
             target.update_layer(adapter_name, generator, slot, config.inference_mode)
             return
-        layer_cls = Conv2d if isinstance(unwrap(target), nn.Conv2d) else Linear
+        base = unwrap(target)
+        layer_cls = Embedding if slot == TOKEN_SLOT else Conv2d if isinstance(base, nn.Conv2d) else Linear
         self._replace_module(parent, target_name, layer_cls(target, adapter_name, generator, slot), target)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:

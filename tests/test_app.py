@@ -30,7 +30,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from app.screenshot import chromium_path, free_port, generate_in_browser, launch_browser  # noqa: E402
 from superlora_diffusers import SuperLoRAConfig  # noqa: E402
-from superlora_diffusers.model import inject_superlora  # noqa: E402
+from superlora_diffusers import inject_superlora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR = sorted((ROOT / "examples" / "striped_star").glob("*.png"))

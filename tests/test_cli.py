@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from superlora_diffusers import SuperLoRAConfig
 from superlora_diffusers.cli import main
-from superlora_diffusers.model import inject_superlora
+from superlora_diffusers import inject_superlora
 
 
 @pytest.fixture(scope="module")

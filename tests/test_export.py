@@ -22,7 +22,7 @@ from superlora_diffusers.export import (
     to_diff_state_dict,
     to_lora_state_dict,
 )
-from superlora_diffusers.model import inject_superlora
+from superlora_diffusers import inject_superlora
 
 
 def low_rank(d_out, d_in, r, seed=0):
@@ -96,7 +96,7 @@ def adapted(tmp_path_factory):
             p.normal_(0, 0.3)
     pipe.save_superlora_weights(root / "adapter", metadata={"instance_prompt": "a photo of sks star"})
     with torch.no_grad():
-        deltas = dict(zip(pipe.unet._superlora.adapters["default"].targets, module()))
+        deltas = dict(zip(module.targets, module()))
     return {"root": root, "adapter": root / "adapter", "base": root / "base", "pipe": pipe,
             "reference": generate(pipe), "base_images": generate(tiny_pipeline()), "deltas": deltas}
 

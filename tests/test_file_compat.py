@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_pipeline
 from safetensors.torch import load_file
 
-from superlora_diffusers.model import get_superlora_model
+from superlora_diffusers.components import find_generators
 
 DATA = Path(__file__).resolve().parent / "data" / "release-0.1.0"
 
@@ -25,13 +25,13 @@ def test_a_file_of_the_earlier_release_loads_to_the_same_delta(name):
     expected = load_file(str(DATA / name / "expected.safetensors"))
     pipe = tiny_pipeline()
     pipe.load_superlora_weights(DATA / name)
-    adapter = next(iter(get_superlora_model(pipe._superlora_components()).adapters.values()))
+    adapter = next(iter(find_generators(pipe._superlora_components()).values()))
     with torch.no_grad():
-        deltas = dict(zip(adapter.targets, adapter.module()))
+        deltas = dict(zip(adapter.targets, adapter()))
     checked = [k.removeprefix("delta.") for k in expected if k.startswith("delta.")]
     assert len(checked) == 3
     for target in checked:
         torch.testing.assert_close(deltas[target], expected[f"delta.{target}"], rtol=0, atol=1e-6)
     if "token.delta" in expected:
-        torch.testing.assert_close(adapter.module.tokens.delta.detach(), expected["token.delta"], rtol=0, atol=0)
+        torch.testing.assert_close(adapter.tokens.delta.detach(), expected["token.delta"], rtol=0, atol=0)
         assert adapter.config.token == "sks"

@@ -9,7 +9,7 @@ import torch
 from conftest import generate, tiny_pipeline
 
 from superlora_diffusers import SuperLoRAConfig, SuperLoRAFileError, find_targets
-from superlora_diffusers.model import get_superlora_model, inject_superlora
+from superlora_diffusers.components import find_generators, inject_superlora
 
 TUCKER = SuperLoRAConfig.lorta(fold=3, groups=2, rank=3, target_modules="unet+text")
 
@@ -21,7 +21,6 @@ def add_random_adapter(pipe, config: SuperLoRAConfig = TUCKER, seed: int = 0, na
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
-    pipe._wrap_encode_prompt(get_superlora_model(pipe._superlora_components()))
     return module
 
 
@@ -60,8 +59,7 @@ def test_target_presets_and_patterns(pipe):
 
 # ---- the shared ΔW, generated once per forward ------------------------------------------------------
 def test_delta_is_generated_once_per_pipeline_call_and_per_training_forward(pipe):
-    add_random_adapter(pipe)
-    model = get_superlora_model(pipe._superlora_components())
+    model = add_random_adapter(pipe)
     model.generations = 0
     generate(pipe, steps=3)  # CFG: 3 UNet forwards on a batch of 2, plus the text encoder
     assert model.generations == 1
@@ -74,7 +72,7 @@ def test_delta_is_generated_once_per_pipeline_call_and_per_training_forward(pipe
     loss = unet(sample, 10, hidden).sample.square().mean() + unet(sample, 20, hidden).sample.square().mean()
     assert model.generations == 2  # with autograd: one fresh generation per model forward, not per layer
     loss.backward()
-    adapter = model.adapters["default"].module
+    adapter = model
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
     with torch.no_grad():
         next(adapter.parameters()).add_(0.1)  # an optimizer step changes the factors: the cache must notice
@@ -90,8 +88,7 @@ def test_delta_is_generated_once_per_pipeline_call_and_per_training_forward(pipe
 def test_factored_layouts_train_on_their_factors_exactly_as_through_dense_delta(pipe, config):
     """With autograd, the LoRA preset's layers compute x·Aᵀ·Bᵀ (peft's cost), and groups="shape" ones
     x·U_in·C_lᵀ·U_outᵀ: same outputs and gradients as W + ΔW, convs and CLIP included."""
-    module = add_random_adapter(pipe, config)
-    model = get_superlora_model(pipe._superlora_components())
+    module = model = add_random_adapter(pipe, config)
     assert all(module.low_rank(i) is not None for i in range(len(module.shapes)))
     unet, text = pipe.unet.double(), pipe.text_encoder.double()
     module.double()
@@ -165,8 +162,8 @@ def test_info_reports_counts_bytes_and_the_lora_comparison(saved_adapter):
     pipe = tiny_pipeline()
     pipe.load_superlora_weights(path)
     info = pipe.get_superlora_info()
-    assert info["num_parameters"] == sum(p.numel() for p in get_superlora_model(
-        pipe._superlora_components()).adapters["default_0"].module.parameters())
+    assert info["num_parameters"] == sum(p.numel() for p in find_generators(
+        pipe._superlora_components())["default_0"].parameters())
     assert info["file_bytes"] == (path / "superlora_weights.safetensors").stat().st_size
     assert info["config"]["factorization"] == "tucker" and len(info["targets"]) == 40
     # r·Σ(d_out + d_in): 3 attention blocks at width 32 (8 projections of 32x32), the mid block at 64 (attn1
@@ -175,30 +172,36 @@ def test_info_reports_counts_bytes_and_the_lora_comparison(saved_adapter):
     assert info["metadata"]["instance_prompt"] == "a photo of sks star"
 
 
+def _base_weights(pipe) -> dict[str, torch.Tensor]:
+    """The UNet's and text encoder's own weights by their plain names (peft wrappers' `base_layer` removed)."""
+    state = {**pipe.unet.state_dict(), **{f"text.{k}": v for k, v in pipe.text_encoder.state_dict().items()}}
+    return {k.replace(".base_layer", ""): v for k, v in state.items() if "superlora_" not in k}
+
+
 def test_fuse_unfuse_and_unload_restore_the_base_bit_for_bit(saved_adapter):
     path, adapted = saved_adapter
     pipe = tiny_pipeline()
     base = generate(pipe)
-    originals = {k: v.clone() for k, v in {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}.items()}
+    originals = {k: v.clone() for k, v in _base_weights(pipe).items()}
     pipe.load_superlora_weights(path)
     pipe.fuse_superlora()
     torch.testing.assert_close(generate(pipe), adapted, atol=1e-5, rtol=1e-4)
-    assert not torch.equal(pipe.unet.state_dict()[
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"], originals[
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.equal(_base_weights(pipe)[key], originals[key])
     with pytest.raises(ValueError, match="already fused"):
         pipe.fuse_superlora()
     pipe.unfuse_superlora()
-    now = {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}
-    assert all(torch.equal(now[k], v) for k, v in originals.items())
+    now = _base_weights(pipe)
+    assert now.keys() == originals.keys() and all(torch.equal(now[k], v) for k, v in originals.items())
     assert torch.equal(generate(pipe), adapted)
     pipe.fuse_superlora(scale=0.5)
     pipe.unload_superlora_weights()  # unloading a fused adapter unfuses it first
-    now = {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}
-    assert all(torch.equal(now[k], v) for k, v in originals.items())
+    now = {**pipe.unet.state_dict(), **{f"text.{k}": v for k, v in pipe.text_encoder.state_dict().items()}}
+    assert now.keys() == originals.keys() and all(torch.equal(now[k], v) for k, v in originals.items())
     assert torch.equal(generate(pipe), base)
     assert pipe.get_list_superlora_adapters() == []
-    assert "forward" not in vars(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q)
+    assert type(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q) is torch.nn.Linear
+    assert not hasattr(pipe.unet, "peft_config") and not hasattr(pipe.unet, "superlora_generator")
 
 
 def test_disable_enable(saved_adapter):
@@ -216,17 +219,16 @@ def test_several_named_adapters_mix_with_weights(tmp_path):
     pipe = tiny_pipeline()
     a = add_random_adapter(pipe, seed=1, name="a")
     b = add_random_adapter(pipe, SuperLoRAConfig.lora(rank=2, target_modules="unet-cross"), seed=2, name="b", std=0.2)
-    model = get_superlora_model(pipe._superlora_components())
     assert pipe.get_active_superlora_adapters() == {"a": 1.0, "b": 1.0}
     pipe.set_superlora_adapters(["a", "b"], [0.7, 0.4])
     with torch.no_grad():
         da, db = a(), b()
-        name_b = model.adapters["b"].targets[0]
-        layer = model.layers[name_b]
-        expected = 0.7 * da[layer.slots["a"]] + 0.4 * db[0]
-        torch.testing.assert_close(model.delta_for(layer), expected)
-        only_a = model.layers[model.adapters["a"].targets[0]]  # a self-attention layer: adapter a only
-        torch.testing.assert_close(model.delta_for(only_a), 0.7 * da[0])
+        layer = pipe.unet.get_submodule(b.targets[0].split(".", 1)[1])  # a cross-attention layer: both adapters
+        expected = 0.7 * da[layer.superlora_slot["a"]] + 0.4 * db[0]
+        torch.testing.assert_close(layer.get_delta_weight("a") + layer.get_delta_weight("b"), expected)
+        only_a = pipe.unet.get_submodule(a.targets[0].split(".", 1)[1])  # a self-attention layer: adapter a only
+        assert set(only_a.superlora_slot) == {"a"}
+        torch.testing.assert_close(only_a.get_delta_weight("a"), 0.7 * da[0])
     mixed = generate(pipe)
     pipe.set_superlora_adapters("a")
     only = generate(pipe)
@@ -351,9 +353,8 @@ def test_lora_preset_equals_the_equivalent_peft_lora():
     pipe = tiny_pipeline()
     module = add_random_adapter(pipe, config, seed=3, std=0.2)
     ours = generate(pipe)
-    model = get_superlora_model(pipe._superlora_components())
     state = {}
-    for i, name in enumerate(model.adapters["default"].targets):
+    for i, name in enumerate(module.targets):
         state[f"{name}.lora_A.weight"] = module.blocks[i].lora_A[0].detach().clone()
         state[f"{name}.lora_B.weight"] = module.blocks[i].lora_B[0].detach().clone()
     reference = tiny_pipeline()
@@ -363,7 +364,7 @@ def test_lora_preset_equals_the_equivalent_peft_lora():
 
 # ---- bad input: one clear line, pipeline untouched -----------------------------------------------
 def _unchanged(pipe, base):
-    assert get_superlora_model(pipe._superlora_components()) is None or not pipe.get_list_superlora_adapters()
+    assert not pipe.get_list_superlora_adapters() and not hasattr(pipe.unet, "peft_config")
     assert torch.equal(generate(pipe), base)
 
 
@@ -421,6 +422,9 @@ def test_bad_files_are_refused_before_touching_the_pipeline(saved_adapter, tmp_p
         pipe.load_superlora_weights(state_dict)
     _unchanged(pipe, base)
 
+    with pytest.raises(ValueError, match="cannot be used.*no '.'"):
+        pipe.load_superlora_weights(path, adapter_name="dog.v2")
+    _unchanged(pipe, base)
     pipe.load_superlora_weights(path, adapter_name="dog")
     with pytest.raises(ValueError, match="already loaded"):
         pipe.load_superlora_weights(path, adapter_name="dog")
@@ -467,7 +471,7 @@ def test_conv_targets_adapt_resnet_kernels_locon_style(tmp_path):
     with torch.no_grad():
         delta = module()[[t.name for t in targets].index(convs[0].name)]
         expected = F.conv2d(x, conv.weight + delta.view(conv.weight.shape), conv.bias, padding=conv.padding)
-        torch.testing.assert_close(conv(x), expected)
+        torch.testing.assert_close(pipe.unet.get_submodule(convs[0].name.split(".", 1)[1])(x), expected)
     adapted = generate(pipe)
     assert (adapted - base).abs().max() > 1e-3
     pipe.save_superlora_weights(tmp_path / "adapter")
@@ -499,7 +503,7 @@ def test_hotswap_replaces_the_factors_in_place(tmp_path):
     pipe = tiny_pipeline()
     pipe.load_superlora_weights(paths[0], adapter_name="star")
     pipe.set_superlora_adapters("star", 0.5)
-    module = get_superlora_model(pipe._superlora_components()).adapters["star"].module
+    module = find_generators(pipe._superlora_components())["star"]
     pointers = [p.data_ptr() for p in module.parameters()]
     half = generate(pipe)  # caches ΔW at inference: the swap must invalidate it
     assert pipe.load_superlora_weights(paths[1], adapter_name="star", hotswap=True) == "star"
@@ -517,3 +521,60 @@ def test_hotswap_replaces_the_factors_in_place(tmp_path):
     with pytest.raises(ValueError, match="pass its adapter_name"):
         pipe.load_superlora_weights(paths[0], hotswap=True)
     torch.testing.assert_close(generate(pipe), paths["images1"], rtol=0, atol=1e-6)  # refusals changed nothing
+
+
+# ---- diffusers' own verbs on a loaded adapter file (issue 22) ----------------------------------------------
+def test_diffusers_verbs_drive_a_loaded_superlora_beside_a_peft_lora(saved_adapter):
+    """A file loaded with load_superlora_weights is a peft adapter of the UNet and of CLIP: diffusers' verbs list,
+    mix, disable and delete it next to a LoRA, and its parameters live once, in the UNet's module tree."""
+    from superlora_diffusers.export import to_lora_state_dict
+
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    pipe.load_superlora_weights(path, adapter_name="star")
+    assert pipe.get_list_adapters() == {"unet": ["star"], "text_encoder": ["star"]}
+    assert pipe.get_active_adapters() == ["star"]
+    generator = find_generators(pipe._superlora_components())["star"]
+    unet_params = {id(p) for p in pipe.unet.parameters()}
+    assert all(id(p) in unet_params for p in generator.parameters())  # owned by the UNet: .to(), DDP, state_dict
+    assert not any("superlora_generator" in k for k in pipe.text_encoder.state_dict())  # CLIP only reads it
+
+    g = torch.Generator().manual_seed(5)
+    deltas = {t.name: torch.randn(t.shape, generator=g) * 0.05 for t in find_targets(pipe._superlora_components(), "unet")}
+    pipe.load_lora_weights(to_lora_state_dict(deltas, rank=2)[0], adapter_name="plain")
+    pipe.set_adapters(["star", "plain"], [1.0, 0.0])
+    torch.testing.assert_close(generate(pipe), adapted, atol=1e-6, rtol=0)
+    pipe.set_adapters(["star", "plain"], [0.5, 1.0])
+    assert pipe.get_active_superlora_adapters() == {"star": 0.5}
+    mixed = generate(pipe)
+    pipe.set_adapters("plain")
+    lora_only = generate(pipe)
+    assert not torch.allclose(mixed, lora_only) and not torch.allclose(lora_only, base)
+    pipe.set_adapters(["star", "plain"], [1.0, 1.0])
+    pipe.disable_lora()
+    assert torch.equal(generate(pipe), base)
+    pipe.enable_lora()
+    pipe.delete_adapters("star")
+    assert pipe.get_list_superlora_adapters() == [] and torch.equal(generate(pipe), lora_only)
+    assert not any("superlora" in k for k in pipe.unet.state_dict())
+
+
+def test_from_pipe_pipelines_share_the_adapter_and_its_call_scale(saved_adapter):
+    """img2img made with from_pipe shares the adapted UNet and CLIP: its verbs see the adapter, and the call-time
+    scale reaches its text encoder (diffusers scales peft layers in encode_prompt; no per-instance wrapper)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from test_tokens import encode
+
+    path, _ = saved_adapter
+    pipe = tiny_pipeline()
+    base_text = encode(pipe, "a photo of sks star")
+    pipe.load_superlora_weights(path, adapter_name="star")
+    other = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    assert other.get_list_superlora_adapters() == ["star"]
+    adapted_text = encode(other, "a photo of sks star")
+    assert not torch.allclose(adapted_text, base_text)
+    assert torch.equal(encode(other, "a photo of sks star", lora_scale=0.0), base_text)
+    other.set_superlora_adapters("star", {"unet": 1.0, "text_encoder": 0.0})
+    assert torch.equal(encode(pipe, "a photo of sks star"), base_text)  # one adapter, seen from both pipelines

@@ -14,7 +14,7 @@ import torch
 
 import superlora_diffusers  # noqa: F401
 from superlora_diffusers import SuperLoRAConfig, count_parameters, find_targets, lora_parameter_count
-from superlora_diffusers.model import inject_superlora, remove_superlora
+from superlora_diffusers.components import inject_superlora, remove_superlora
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -125,6 +125,6 @@ def test_one_shared_superlora_forward_on_real_shapes(family):
         base = comps["unet"](sample, 10, hidden, cross_attention_kwargs={"scale": 0.0}, **extra).sample
     assert adapted.shape == (1, 4, 8, 8) and torch.isfinite(adapted).all()
     assert not torch.equal(adapted, base)
-    remove_superlora(comps)  # the UNet and its SuperLoRAModel reference each other: free gigabytes now
+    remove_superlora(comps)  # the generator and its hooks reference the UNet: free gigabytes now
     del comps
     gc.collect()

@@ -206,7 +206,7 @@ def test_evaluate_writes_scores_and_the_subject_and_class_prompt_grids(pipe, tmp
 
     from superlora_diffusers import SuperLoRAConfig  # (attaches the pipeline verbs)
     from superlora_diffusers.evaluate import main
-    from superlora_diffusers.model import inject_superlora
+    from superlora_diffusers import inject_superlora
 
     module = inject_superlora(pipe._superlora_components(), SuperLoRAConfig.lora(rank=2))
     with torch.no_grad():

@@ -40,6 +40,15 @@ def perturb(gen: SharedGenerator, seed: int = 1, std: float = 0.3) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def save_unet_adapter(pipe, folder) -> str:
+    """Save the UNet's `star` SuperLoRA (added with add_adapter) as an adapter file, through the pipeline verb."""
+    from superlora_diffusers.serialization import WEIGHT_NAME, save_superlora_file
+
+    gen = generator(pipe.unet)  # added to one model: its targets are that model's paths
+    names = [f"unet.{key}" for key in gen.targets]
+    return str(save_superlora_file(folder / WEIGHT_NAME, gen, names, overwrite=True).parent)
+
+
 def first_to_q(unet):
     return unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
 
@@ -135,7 +144,7 @@ def test_pipeline_verbs_mix_a_peft_lora_and_a_superlora():
     pipe.fuse_lora(components=["unet"], adapter_names=["my_lora", "star"])
     torch.testing.assert_close(run(unet), mixed, atol=1e-5, rtol=1e-5)
     pipe.unfuse_lora(components=["unet"])
-    for name, p in unet.named_parameters():  # unfuse subtracts ΔW again (peft's way): float tolerance, not bit-exact
+    for name, p in unet.named_parameters():  # peft's LoRA subtracts its ΔW again; the SuperLoRA puts its copy back
         if name in weights:
             torch.testing.assert_close(p, weights[name], atol=1e-6, rtol=0)
     torch.testing.assert_close(run(unet), mixed, atol=1e-5, rtol=1e-5)
@@ -167,15 +176,28 @@ def test_a_peft_lora_added_after_a_superlora_wraps_it():
 
 # ---- (c) torch.compile with an unfused SuperLoRA ----------------------------------------------------------
 @pytest.mark.slow  # tiny model, but tracing a UNet takes ~20 s per mode on a busy CPU
-@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
-def test_compile_fullgraph_matches_eager(grad):
+@pytest.mark.parametrize("grad,how", [(False, "add_adapter"), (True, "add_adapter"), (False, "pipeline")],
+                         ids=["inference", "training", "pipeline-file"])
+def test_compile_fullgraph_matches_eager(grad, how, tmp_path):
+    """`how="pipeline"`: an adapter file over the UNet and CLIP loaded with `load_superlora_weights` (its UNet
+    hooks included), then `hotswap=True` with another file of the same layout: new values, no recompilation."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    unet = tiny_pipeline().unet
-    unet.add_adapter(SuperLoRAConfig.lorta(**LORTA), "star")
-    perturb(generator(unet))
+    pipe = tiny_pipeline()
+    unet = pipe.unet
+    if how == "pipeline":
+        source = tiny_pipeline()
+        source.unet.add_adapter(SuperLoRAConfig.lorta(**LORTA), "star")
+        files = []
+        for seed in (1, 2):
+            perturb(generator(source.unet), seed=seed)
+            files.append(save_unet_adapter(source, tmp_path / f"a{seed}"))
+        pipe.load_superlora_weights(files[0], adapter_name="star")
+    else:
+        unet.add_adapter(SuperLoRAConfig.lorta(**LORTA), "star")
+        perturb(generator(unet))
     inputs = unet_inputs()
     compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")  # fullgraph tracing is what is at stake
     with torch.set_grad_enabled(grad):
@@ -185,6 +207,13 @@ def test_compile_fullgraph_matches_eager(grad):
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, eager, atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1  # one graph, not recompiled by the second call
+    if how == "pipeline":
+        pipe.load_superlora_weights(files[1], adapter_name="star", hotswap=True)
+        with torch.no_grad():
+            swapped, swapped_eager = compiled(*inputs).sample, unet(*inputs).sample
+        assert not torch.allclose(swapped, out, atol=1e-4)
+        torch.testing.assert_close(swapped, swapped_eager, atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1  # the swap copied values into the same tensors
     if grad:
         out.sum().backward()
         assert all(p.grad is not None for p in generator(unet).parameters())

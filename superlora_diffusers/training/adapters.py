@@ -41,9 +41,9 @@ class SuperLoRAAdapter:
     title, load_code = "SuperLoRA", 'pipe.load_superlora_weights("{out}")'
 
     def __init__(self, cfg: TrainingConfig, tokenizer, unet: nn.Module, text_encoder: nn.Module) -> None:
-        from ..model import get_superlora_model, inject_superlora, target_shapes
+        from ..components import inject_superlora, target_shapes
 
-        components = {"unet": unet, "text_encoder": text_encoder}
+        self.components = components = {"unet": unet, "text_encoder": text_encoder}
         token_ids = tuple(token_ids_for(tokenizer, cfg.token_abstraction))
         token_dim = text_encoder.get_input_embeddings().embedding_dim
         config, self.how = adapter_config(cfg, lambda targets: target_shapes(components, targets),
@@ -51,9 +51,7 @@ class SuperLoRAAdapter:
         if cfg.train_text_encoder_ti:  # pivotal tuning: the identifier's embedding offsets live in the same module
             config = dataclasses.replace(config, token=cfg.token_abstraction, token_ids=token_ids, token_dim=token_dim)
         self.config, self.module = config, inject_superlora(components, config)
-        self.controller = get_superlora_model(components)
-        self.targets = self.controller.adapters["default"].targets
-        self.metadata = self.controller.adapters["default"].metadata
+        self.targets, self.metadata = self.module.targets, self.module.metadata
         self.shapes, self.entries = self.module.shapes, self.module.layout.total
         self.n_params = self.module.num_parameters()
 
@@ -66,7 +64,9 @@ class SuperLoRAAdapter:
         return groups
 
     def disabled(self):
-        return self.controller.disable_adapter()
+        from ..components import disabled
+
+        return disabled(self.components)
 
     def save(self, path: Path, extra: dict[str, str] | None = None) -> None:
         from ..serialization import save_superlora_file

@@ -44,6 +44,8 @@ class Run:
     inst_stats: torch.Tensor | None = None
     class_stats: torch.Tensor | None = None
     adapter: object = None  # what trains (adapters.py): its parameters are the only trainable ones
+    denoiser: torch.nn.Module | None = None  # the UNet as training calls it (accelerate's DDP with several processes)
+    averaged_by_hand: list[torch.nn.Parameter] = field(default_factory=list)  # trainable, but outside the UNet
     encode_every_step: bool = False
     fixed_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -200,6 +202,10 @@ def make_optimizer(run: Run, max_steps: int):
                                  num_warmup_steps=cfg.lr_warmup_steps * processes,
                                  num_training_steps=max_steps * processes,
                                  num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-    # The frozen UNet is not wrapped (DDP refuses a module without trainable parameters): the factors'
-    # gradients are averaged across processes by hand (step.py), and mixed precision runs under autocast.
+    # Several processes: the UNet owns what trains (SuperLoRA's generator, which the text encoder only reads;
+    # peft's UNet layers), so accelerate's DDP averages those gradients. A text encoder's own peft parameters
+    # are averaged in step.update. One process calls the UNet itself: bit for bit the unwrapped run.
+    run.denoiser = run.accelerator.prepare(run.unet) if processes > 1 else run.unet
+    in_unet = {id(p) for p in run.unet.parameters()}
+    run.averaged_by_hand = [p for group in groups for p in group["params"] if id(p) not in in_unet]
     return run.accelerator.prepare(optimizer, lr_scheduler)

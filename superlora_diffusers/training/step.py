@@ -53,7 +53,7 @@ def base_prediction(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor, prom
     """The frozen base model's output for the class rows: the target of `--prior_loss_target base_model`."""
     hidden = torch.stack([run.fixed_embeds[p] for p in prompts]).to(run.device)
     with run.adapter.disabled(), run.accelerator.autocast():
-        return run.unet(noisy, timesteps, hidden).sample
+        return run.denoiser(noisy, timesteps, hidden).sample
 
 
 def losses(run: Run, b: Batch) -> dict[str, torch.Tensor]:
@@ -66,7 +66,7 @@ def losses(run: Run, b: Batch) -> dict[str, torch.Tensor]:
     else:
         hidden = torch.stack([run.fixed_embeds[p] for p in b.prompts]).to(run.device)
     with run.accelerator.autocast():
-        pred = run.unet(b.noisy, b.timesteps, hidden).sample
+        pred = run.denoiser(b.noisy, b.timesteps, hidden).sample
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(b.latents, b.noise, b.timesteps) if v_prediction else b.noise
     if run.classes is not None and cfg.prior_loss_target == "base_model":
@@ -95,11 +95,12 @@ def check_finite(run: Run, loss: torch.Tensor, step: int, last_checkpoint) -> No
 
 
 def update(run: Run, loss: torch.Tensor, optimizer, lr_scheduler) -> None:
-    """Backward, then (at the end of an accumulation) average across processes, clip, and step."""
+    """Backward (DDP averages the UNet's gradients across processes), then at the end of an accumulation average
+    the rest (a text encoder's own peft parameters), clip, and step."""
     accelerator, params = run.accelerator, [p for p in run.adapter.module.parameters() if p.requires_grad]
     accelerator.backward(loss)
     if accelerator.sync_gradients and accelerator.num_processes > 1:
-        for p in params:
+        for p in run.averaged_by_hand:
             p.grad = accelerator.reduce(p.grad, "mean")
     if accelerator.sync_gradients and run.cfg.max_grad_norm > 0:
         accelerator.clip_grad_norm_(params, run.cfg.max_grad_norm)

@@ -77,7 +77,7 @@ def loop(run: Run, schedule: Schedule, optimizer, lr_scheduler, ema: AdapterEMA 
                 if step >= schedule.max_steps:
                     break
                 batch = make_batch(run, [schedule.items[i] for i in rows], micro)
-                with accelerator.accumulate(run.unet):
+                with accelerator.accumulate(run.denoiser):
                     loss = losses(run, batch)
                     check_finite(run, loss["loss"], step, last_checkpoint)
                     update(run, loss["loss"], optimizer, lr_scheduler)

@@ -39,7 +39,6 @@ def make_pipeline(path: str, tokenizer, text_encoder, vae, unet, scheduler_confi
 
 @torch.no_grad()
 def generate(pipe, prompt: str, count: int, seed: int, cfg: TrainingConfig, resolution: int) -> list[Image.Image]:
-    device = pipe.unet.device
     return [
         pipe(prompt, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
              height=resolution, width=resolution,
