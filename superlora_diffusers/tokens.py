@@ -3,7 +3,7 @@
 DreamBooth binds a subject to a rare word ("sks"); with a tiny adapter the word's own embedding is the cheapest
 place to put what the subject looks like (a CLIP embedding row: 768 numbers in SD 1.5), which diffusers' advanced
 DreamBooth script trains as `--train_text_encoder_ti`. Here the trained part is an offset added to the word's
-token embeddings, by a forward hook on the text encoder's input embeddings, where the input ids are the word's
+token embeddings, by a tuner layer around the text encoder's input embeddings (`tuner.Embedding`), where the input ids are the word's
 ids. So the tokenizer and the embedding table stay untouched: the call-time scale, disabling and unloading work
 exactly as for ΔW (scale 0 or unload is the base model bit for bit), and any word may serve, also one the
 tokenizer splits into several ids (each gets its own offset).
