@@ -138,8 +138,18 @@ class SharedGenerator(SuperLoRA):
             self.cache.deltas, self.cache.key = None, key
 
     def _begin(self, module: nn.Module, args: tuple) -> None:
+        if not _compiling() and self._orphaned():
+            self.detach()
+            return
         self.cache.inside = True
         self._refresh()
+
+    def _orphaned(self) -> bool:
+        """Whether the owner dropped this adapter without deleting it through peft's layers (diffusers'
+        `unload_lora_weights` only swaps the layers out and deletes `peft_config`): then the next forward of a
+        model it follows removes the generator from the owner's tree."""
+        owner = self.cache.owner() if self.cache.owner is not None else None
+        return owner is None or self.cache.name not in getattr(owner, "peft_config", {})
 
     def _end(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.cache.inside = False

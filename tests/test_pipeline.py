@@ -578,3 +578,19 @@ def test_from_pipe_pipelines_share_the_adapter_and_its_call_scale(saved_adapter)
     assert torch.equal(encode(other, "a photo of sks star", lora_scale=0.0), base_text)
     other.set_superlora_adapters("star", {"unet": 1.0, "text_encoder": 0.0})
     assert torch.equal(encode(pipe, "a photo of sks star"), base_text)  # one adapter, seen from both pipelines
+
+
+def test_diffusers_unload_lora_weights_also_drops_a_superlora(saved_adapter):
+    """diffusers' unload_lora_weights swaps peft layers out without deleting adapters; the generator notices at the
+    next forward and leaves the UNet's tree, so nothing of it stays in state_dict or in the hooks."""
+    path, adapted = saved_adapter
+    pipe = tiny_pipeline()
+    base = generate(pipe)
+    pipe.load_superlora_weights(path, adapter_name="star")
+    assert torch.equal(generate(pipe), adapted)
+    pipe.unload_lora_weights()
+    assert torch.equal(generate(pipe), base)
+    assert not any("superlora" in k for k in pipe.unet.state_dict())
+    assert not pipe.unet._forward_pre_hooks and not pipe.text_encoder._forward_pre_hooks
+    pipe.load_superlora_weights(path, adapter_name="star")  # and the name is free again
+    assert torch.equal(generate(pipe), adapted)
