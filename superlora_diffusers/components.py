@@ -86,21 +86,25 @@ def inject_superlora(components: Components, config: SuperLoRAConfig, adapter_na
 
 def _slots(components: Components, config: SuperLoRAConfig, targets: list[Target]) -> dict[str, dict[str, int]]:
     """component -> {module path in that component: slot in the generator} (the input embeddings: TOKEN_SLOT)."""
+    paths = {name: _paths(model) for name, model in components.items()}
     slots: dict[str, dict[str, int]] = {}
     for slot, target in enumerate(targets):
-        slots.setdefault(target.component, {})[_path(components[target.component], target.module)] = slot
+        slots.setdefault(target.component, {})[paths[target.component][id(unwrap(target.module))]] = slot
     if config.token is not None:
         encoder = components.get("text_encoder")
         if encoder is None:
             raise ValueError("this SuperLoRA trains a token embedding, but the pipeline has no text_encoder.")
-        slots.setdefault("text_encoder", {})[_path(encoder, encoder.get_input_embeddings())] = TOKEN_SLOT
+        embeddings = id(unwrap(encoder.get_input_embeddings()))
+        slots.setdefault("text_encoder", {})[paths["text_encoder"][embeddings]] = TOKEN_SLOT
     return slots
 
 
-def _path(model: nn.Module, layer: nn.Module) -> str:
-    """The user-facing path of `layer` in `model` (a peft wrapper's path, not its `base_layer`'s)."""
-    layer = unwrap(layer)
-    return next(key for key, module in model.named_modules() if unwrap(module) is layer)
+def _paths(model: nn.Module) -> dict[int, str]:
+    """id(plain layer) -> its user-facing path in `model` (a peft wrapper's path, not its `base_layer`'s)."""
+    paths: dict[int, str] = {}
+    for key, module in model.named_modules():
+        paths.setdefault(id(unwrap(module)), key)
+    return paths
 
 
 def active_adapters(components: Components) -> list[str]:
