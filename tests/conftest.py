@@ -49,6 +49,34 @@ def tiny_pipeline(seed: int = 0):
     return pipe
 
 
+def tiny_sdxl_pipeline(seed: int = 0):
+    """SDXL's structure at toy size: two CLIP text encoders (the second with a projection), pooled text embeds and
+    time ids as added conditions, as in diffusers' own SDXL tests, built from configs."""
+    import superlora_diffusers  # noqa: F401  (attaches the verbs)
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    parts = tiny_components(seed, cross_attention_dim=64)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=16,
+    )
+    tokenizer = parts["tokenizer"]
+    clip = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=32, bos_token_id=len(tokenizer) - 2,
+                eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1, projection_dim=32)
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=parts["vae"], scheduler=parts["scheduler"], tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def generate(pipe, prompt: str = "a photo of sks star", seed: int = 0, steps: int = 2, **kwargs) -> torch.Tensor:
     """Images as a float tensor (no PIL rounding), so tiny differences stay visible."""
     out = pipe(prompt, num_inference_steps=steps, guidance_scale=3.0, height=16, width=16, output_type="pt",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -594,3 +595,30 @@ def test_diffusers_unload_lora_weights_also_drops_a_superlora(saved_adapter):
     assert not pipe.unet._forward_pre_hooks and not pipe.text_encoder._forward_pre_hooks
     pipe.load_superlora_weights(path, adapter_name="star")  # and the name is free again
     assert torch.equal(generate(pipe), adapted)
+
+
+def test_sdxl_one_adapter_over_the_unet_and_both_text_encoders(tmp_path):
+    """SDXL's structure: one super-vector adapts the UNet, CLIP-L and CLIP-bigG (and the word's embedding in the
+    first); it saves, loads, scales to the base at 0 on every component, and diffusers' verbs list it on all three."""
+    from conftest import tiny_sdxl_pipeline
+    from test_tokens import token_config
+
+    pipe = tiny_sdxl_pipeline()
+    base = generate(pipe)
+    config = dataclasses.replace(token_config(pipe), target_modules="unet+text")
+    module = add_random_adapter(pipe, config, std=0.1)
+    components = {t.split(".", 1)[0] for t in module.targets}
+    assert components == {"unet", "text_encoder", "text_encoder_2"}
+    adapted = generate(pipe)
+    assert (adapted - base).abs().max() > 1e-3
+    assert torch.equal(generate(pipe, cross_attention_kwargs={"scale": 0.0}), base)
+    pipe.save_superlora_weights(tmp_path / "xl")
+    fresh = tiny_sdxl_pipeline()
+    fresh.load_superlora_weights(tmp_path / "xl", adapter_name="star")
+    assert torch.equal(generate(fresh), adapted)
+    assert fresh.get_list_adapters() == {"unet": ["star"], "text_encoder": ["star"], "text_encoder_2": ["star"]}
+    fresh.set_superlora_adapters("star", {"unet": 1.0, "text_encoder": 0.0, "text_encoder_2": 0.0})
+    text_off = generate(fresh)
+    assert not torch.equal(text_off, adapted) and not torch.equal(text_off, base)
+    fresh.unload_superlora_weights()
+    assert torch.equal(generate(fresh), base)
