@@ -29,6 +29,7 @@ from superlora_diffusers import SuperLoRAConfig, SuperLoRAFileError
 from superlora_diffusers.training import TrainingConfig, TrainingError
 from superlora_diffusers.training.adapter import adapter_config, describe
 from superlora_diffusers.training.data import IMAGE_EXTENSIONS
+from superlora_diffusers.export import DIFFUSERS_LORA_NAME
 from superlora_diffusers.serialization import WEIGHT_NAME
 from superlora_diffusers.superlora import versus_lora1
 
@@ -58,7 +59,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DDIM": ("DDIMScheduler", {}),
 }
 DEFAULT_SAMPLER = "DPM-Solver++"
-TAG = re.compile(r"<superlora:([^:>]+)(?::([^:>]*))?(?::([^:>]*))?>", re.IGNORECASE)
+TAG = re.compile(r"<(?:super)?lora:([^:>]+)(?::([^:>]*))?(?::([^:>]*))?>", re.IGNORECASE)  # either tag, either kind
 PROMPT_LEAD = re.compile(r"^\s*(?:(?:a|an|the)\s+(?:photo|picture|image|painting|drawing|render)\s+of\s+)?(?:(?:a|an|the)\s+)?",
                          re.IGNORECASE)
 XY_AXES = ("scale", "seed", "steps", "guidance", "sampler")
@@ -66,6 +67,7 @@ MAX_XY = 6  # values per X/Y axis (at most 36 images)
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # the bundled subjects (examples/<name>/)
 MAX_CLASS_IMAGES = 200
 PNG_KEY = "superlora"  # the PNG text chunk with the exact settings (JSON); "parameters" holds A1111's line
+SUPERLORA, LORA = "SuperLoRA", "LoRA"  # the two kinds of adapter file the app loads
 
 
 class UserError(ValueError):
@@ -195,8 +197,8 @@ def _weight(text: str | None, default: float, tag: str) -> float:
 
 
 def parse_prompt_tags(prompt: str) -> tuple[str, dict[str, tuple[float, float]]]:
-    """'<superlora:name:0.8>' (or ':0.8:0.5' for UNet and text encoder apart, as A1111 types <lora:name:0.8>)
-    -> (the prompt without the tags, {name: (unet weight, text-encoder weight)})."""
+    """'<superlora:name:0.8>' or A1111's '<lora:name:0.8>', for a SuperLoRA or a LoRA alike (':0.8:0.5' for UNet
+    and text encoder apart) -> (the prompt without the tags, {name: (unet weight, text-encoder weight)})."""
     tags: dict[str, tuple[float, float]] = {}
     for m in TAG.finditer(str(prompt or "")):
         unet = _weight(m.group(2), 1.0, m.group(0))
@@ -211,7 +213,9 @@ def settings_line(settings: dict[str, Any]) -> str:
     lines = [settings["prompt"]]
     if settings.get("negative_prompt"):
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
-    loras = "".join(f" <superlora:{a['name']}:{a['unet']:g}:{a['text_encoder']:g}>" for a in settings.get("adapters", []))
+    tag = {LORA: "lora"}  # A1111's tag for a LoRA; SuperLoRAs keep theirs (and PNGs from before kinds existed)
+    loras = "".join(f" <{tag.get(a.get('kind'), 'superlora')}:{a['name']}:{a['unet']:g}:{a['text_encoder']:g}>"
+                    for a in settings.get("adapters", []))
     lines.append(f"Steps: {settings['steps']}, Sampler: {settings['sampler']}, CFG scale: {settings['guidance_scale']:g}, "
                  f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}{',' if loras else ''}{loras}")
     return "\n".join(lines)
@@ -270,26 +274,65 @@ def check_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
-def file_header(path: Path) -> dict[str, str]:
-    """A safetensors file's header metadata, no tensors read ({} for unreadable files)."""
+LORA_FACTOR = re.compile(r"(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)\.weight$")  # diffusers/peft, kohya
+LORA_DOWN = ("lora_A.weight", "lora_down.weight", "lora.down.weight")  # one per adapted layer; shape[0] is its rank
+
+
+@dataclass
+class AdapterFile:
+    """What a .safetensors header says about an adapter (no tensor read): enough to list, describe and load it."""
+    kind: str  # SUPERLORA or LORA
+    metadata: dict[str, str]
+    num_parameters: int
+    ranks: list[int] = field(default_factory=list)  # a LoRA's distinct layer ranks
+    num_layers: int = 0  # a LoRA's adapted layers
+
+    @property
+    def instance_prompt(self) -> str:
+        """The trainer's instance prompt (a kohya export keeps it as modelspec.trigger_phrase)."""
+        return self.metadata.get("instance_prompt") or self.metadata.get("modelspec.trigger_phrase", "")
+
+
+def read_adapter_file(path: Path, shown: str | None = None) -> AdapterFile:
+    """The file's kind from its header alone (never a pickle, no tensors loaded): a SuperLoRA by its metadata
+    'format', a LoRA by its factor keys; anything else is one UserError line saying what is accepted."""
+    from safetensors import SafetensorError, safe_open
+
+    shown = shown or Path(path).name
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 (unreadable files are simply not listed)
-        return {}
+            metadata = dict(f.metadata() or {})
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{shown!r} is not a readable safetensors file ({one_line(e)}); it may be truncated or "
+                        "corrupt") from None
+    if metadata.get("format") == "superlora":
+        return AdapterFile(SUPERLORA, metadata, int(metadata.get("num_parameters") or 0))
+    factors = {k: s for k, s in shapes.items() if LORA_FACTOR.search(k)}
+    if not factors:
+        example = f", e.g. {next(iter(shapes))!r}" if shapes else ""
+        raise UserError(f"{shown!r} is neither a SuperLoRA nor a LoRA ({len(shapes)} tensors{example}, no LoRA keys); "
+                        "load a SuperLoRA file or a LoRA with diffusers/peft (lora_A/lora_B) or kohya "
+                        "(lora_down/lora_up) keys")
+    downs = [s for k, s in factors.items() if k.endswith(LORA_DOWN)]
+    return AdapterFile(LORA, metadata, sum(math.prod(s) for s in factors.values()), sorted({s[0] for s in downs}),
+                       len(downs))
 
 
-def is_superlora_file(path: Path) -> bool:
-    """A cheap header check (no tensors read): lists only SuperLoRA files in the adapter folder."""
+def adapter_kind(path: Path) -> str | None:
+    """SUPERLORA, LORA, or None for any other file: what the adapter folder lists."""
     try:
-        from safetensors import safe_open
+        return read_adapter_file(path).kind
+    except UserError:
+        return None
 
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == "superlora"
-    except Exception:  # noqa: BLE001 (unreadable files are simply not listed)
-        return False
+
+def weight_file(path: Path) -> Path:
+    """The adapter file a path names: the file itself, or in a folder its SuperLoRA file, else its diffusers LoRA."""
+    if not path.is_dir():
+        return path
+    lora = path / DIFFUSERS_LORA_NAME
+    return lora if lora.is_file() and not (path / WEIGHT_NAME).is_file() else path / WEIGHT_NAME
 
 
 def human_bytes(n: int) -> str:
@@ -306,6 +349,11 @@ class LoadedAdapter:
     name: str
     source: str  # path shown to the user
     file_size: int
+    header: AdapterFile  # its kind, and a LoRA's ranks and size (the pipeline keeps no record of a LoRA's file)
+
+    @property
+    def kind(self) -> str:
+        return self.header.kind
 
 
 class Studio:
@@ -333,7 +381,7 @@ class Studio:
 
     # ---- adapters -------------------------------------------------------------------------------
     def list_adapter_files(self, max_depth: int = 4) -> list[tuple[str, str]]:
-        """(label, path) of every SuperLoRA file under the adapter folder; checkpoints are skipped."""
+        """(label, path) of every SuperLoRA or LoRA file under the adapter folder; checkpoints are skipped."""
         root = self.adapters_dir
         found: list[tuple[str, str]] = []
         if not root.is_dir():
@@ -345,12 +393,16 @@ class Studio:
                 if not f.endswith(".safetensors"):
                     continue
                 path = Path(dirpath) / f
-                if not is_superlora_file(path):
-                    continue
-                rel = path.relative_to(root)
-                label = str(rel.parent) if f == WEIGHT_NAME and rel.parent != Path(".") else str(rel)
-                found.append((label, str(path)))
+                if adapter_kind(path) is not None:
+                    found.append((self._label(path), str(path)))
         return sorted(found)
+
+    def _label(self, path: Path) -> str:
+        """A path's folder-list label: the folder alone when the folder names this very file (`weight_file`: its
+        SuperLoRA, else its diffusers LoRA), the relative path otherwise."""
+        rel = path.resolve().relative_to(self.adapters_dir.resolve())
+        named = rel.parent != Path(".") and weight_file(path.parent).name == path.name
+        return str(rel.parent if named else rel)
 
     def _unique_name(self, label: str) -> str:
         stem = re.sub(r"[^A-Za-z0-9_-]+", "-", label.removesuffix(".safetensors")).strip("-") or "adapter"  # peft: no '.'
@@ -374,24 +426,22 @@ class Studio:
         if not path.resolve().is_relative_to(root):
             raise UserError(f"{str(path_or_label)!r} is not in the adapter folder {str(self.adapters_dir)!r}; "
                             "upload the file instead")
-        rel = path.resolve().relative_to(root)
-        label = str(rel.parent if rel.name == WEIGHT_NAME else rel)
-        return str(path), label
+        return str(path), self._label(path)
 
     def adapter_cards(self, query: str = "") -> list[dict[str, Any]]:
         """One card per adapter in the folder (header only): label, path, preview (the run's own `samples.png`, its
-        validation sample), trigger words, trainable parameters, bytes, base model, loaded or not; `query` filters
-        on label, trigger words and base model."""
+        validation sample), kind, trigger words, trainable parameters, bytes, base model, loaded or not; `query`
+        filters on label, trigger words and base model."""
         loaded = {a.source for a in self.loaded}
         cards = []
         for label, path in self.list_adapter_files():
-            meta = file_header(Path(path))
+            header = read_adapter_file(Path(path))
             preview = Path(path).parent / "samples.png"
             card = {
                 "label": label, "file": path, "preview": str(preview) if preview.is_file() else None,
-                "trigger": trigger_phrase(meta.get("instance_prompt", "")),
-                "instance_prompt": meta.get("instance_prompt", ""), "base_model": meta.get("base_model", ""),
-                "num_parameters": int(meta.get("num_parameters") or 0), "file_bytes": Path(path).stat().st_size,
+                "kind": header.kind, "trigger": trigger_phrase(header.instance_prompt),
+                "instance_prompt": header.instance_prompt, "base_model": header.metadata.get("base_model", ""),
+                "num_parameters": header.num_parameters, "file_bytes": Path(path).stat().st_size,
                 "loaded": path in loaded,
             }
             text = " ".join(str(card[k]) for k in ("label", "trigger", "base_model")).lower()
@@ -403,7 +453,7 @@ class Studio:
         """Delete an adapter from the folder: its file, and its run folder when nothing else of it is left
         (the model card, samples and images the trainer wrote beside it); refused while it is loaded."""
         path, label = self.resolve_adapter(path_or_label)
-        file = Path(path) / WEIGHT_NAME if Path(path).is_dir() else Path(path)
+        file = weight_file(Path(path))
         if not file.is_file():
             raise UserError(f"{label!r} does not exist (any more); refresh the adapter list")
         if any(a.source == str(file) for a in self.loaded):
@@ -416,63 +466,99 @@ class Studio:
         return label
 
     def load_adapter(self, path: str | os.PathLike, label: str | None = None) -> str:
-        """Load a SuperLoRA (a file, or a folder holding superlora_weights.safetensors); returns its name."""
+        """Load a SuperLoRA or an ordinary LoRA (diffusers/peft or kohya keys; a file, or a folder holding
+        superlora_weights.safetensors or pytorch_lora_weights.safetensors); returns its name."""
         if not path:
             raise UserError("pick an adapter from the list (or upload a .safetensors file) first")
         path = Path(path)
-        file = path / WEIGHT_NAME if path.is_dir() else path
+        file = weight_file(path)
         shown = label or (path.name if file is path else str(path))
         if file.suffix != ".safetensors":
-            raise UserError(f"{file.name!r} is not a .safetensors file; a SuperLoRA adapter is one .safetensors file")
+            raise UserError(f"{file.name!r} is not a .safetensors file; a SuperLoRA or LoRA adapter is one "
+                            ".safetensors file")
         if not file.is_file():
             raise UserError(f"{shown!r} does not exist (any more); refresh the adapter list")
         if len(self.loaded) >= MAX_ADAPTERS:
             raise UserError(f"at most {MAX_ADAPTERS} adapters at once; remove one first")
         if any(a.source == str(file) for a in self.loaded):
             raise UserError(f"{shown!r} is already loaded")
+        header = read_adapter_file(file, shown)
         with self.lock:
             name = self._unique_name(label or file.name)
-            try:
-                self.pipe.load_superlora_weights(str(file), adapter_name=name)
-            except SuperLoRAFileError as e:
-                raise UserError(one_line(e).replace(repr(str(file)), repr(shown))) from None
-            self.loaded.append(LoadedAdapter(name, str(file), file.stat().st_size))
+            if header.kind == SUPERLORA:
+                try:
+                    self.pipe.load_superlora_weights(str(file), adapter_name=name)
+                except SuperLoRAFileError as e:
+                    raise UserError(one_line(e).replace(repr(str(file)), repr(shown))) from None
+            else:
+                self._load_lora(file, name, shown)
+            self.loaded.append(LoadedAdapter(name, str(file), file.stat().st_size, header))
         return name
+
+    def _load_lora(self, file: Path, name: str, shown: str) -> None:
+        """diffusers' own loader (it converts kohya keys itself, and removes a half-loaded adapter on failure).
+        peft's "multiple adapters" warning is expected here: a SuperLoRA is a peft adapter too."""
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.pipe.load_lora_weights(str(file), adapter_name=name)
+        except Exception as e:  # noqa: BLE001 (any loader failure is a refused file; the pipeline is unchanged)
+            if "size mismatch" in str(e):
+                raise UserError(f"{shown!r} is a LoRA for another base model (its layers have other shapes)") from None
+            raise UserError(f"{shown!r} looks like a LoRA but diffusers cannot load it "
+                            f"({type(e).__name__}: {one_line(e)})") from None
 
     def unload_adapter(self, index: int) -> str:
         with self.lock:
             if not 0 <= index < len(self.loaded):
                 raise UserError(f"no adapter in slot {index + 1}")
             adapter = self.loaded.pop(index)
-            self.pipe.delete_superlora_adapters(adapter.name)
+            if adapter.kind == SUPERLORA:
+                self.pipe.delete_superlora_adapters(adapter.name)
+            else:
+                self.pipe.delete_adapters(adapter.name)
         return adapter.name
 
     def adapter_info(self) -> list[dict[str, Any]]:
-        rows = []
+        """Each loaded adapter's row for the info panel and /adapter_info, SuperLoRA and LoRA alike."""
         with self.lock:
-            for a in self.loaded:
-                info = self.pipe.get_superlora_info(a.name)
-                try:
-                    config = describe(SuperLoRAConfig.from_dict(info["config"]))
-                except (ValueError, TypeError):
-                    config = str(info["config"])
-                meta = info["metadata"]
-                rows.append({
-                    "name": a.name,
-                    "source": a.source,
-                    "instance_prompt": meta.get("instance_prompt", ""),
-                    "trigger": trigger_phrase(meta.get("instance_prompt", "")),
-                    "base_model": meta.get("base_model", ""),
-                    "config": config,
-                    "target_modules": info["config"].get("target_modules"),
-                    "num_targets": len(info["targets"]),
-                    "num_parameters": info["num_parameters"],
-                    "file_bytes": a.file_size,
-                    "lora_rank1_parameters": info["lora_rank1_parameters"],
-                    "lora_rank1_ratio": info["lora_rank1_ratio"],
-                    "versus_lora1": versus_lora1(info["num_parameters"], info["lora_rank1_parameters"]),
-                })
-        return rows
+            return [self._superlora_row(a) if a.kind == SUPERLORA else self._lora_row(a) for a in self.loaded]
+
+    def _superlora_row(self, a: LoadedAdapter) -> dict[str, Any]:
+        info = self.pipe.get_superlora_info(a.name)
+        try:
+            config = describe(SuperLoRAConfig.from_dict(info["config"]))
+        except (ValueError, TypeError):
+            config = str(info["config"])
+        meta = info["metadata"]
+        return {
+            "name": a.name, "kind": a.kind, "source": a.source,
+            "instance_prompt": meta.get("instance_prompt", ""),
+            "trigger": trigger_phrase(meta.get("instance_prompt", "")),
+            "base_model": meta.get("base_model", ""), "config": config, "ranks": None,
+            "target_modules": info["config"].get("target_modules"), "num_targets": len(info["targets"]),
+            "num_parameters": info["num_parameters"], "file_bytes": a.file_size,
+            "lora_rank1_parameters": info["lora_rank1_parameters"], "lora_rank1_ratio": info["lora_rank1_ratio"],
+            "versus_lora1": versus_lora1(info["num_parameters"], info["lora_rank1_parameters"]),
+        }
+
+    def _lora_row(self, a: LoadedAdapter) -> dict[str, Any]:
+        """A LoRA's row from its file header, with the components diffusers actually adapted (a rank-1 comparison
+        would compare a LoRA with itself: left empty)."""
+        h = a.header
+        ranks = h.ranks
+        rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+        components = [c for c, names in self.pipe.get_list_adapters().items() if a.name in names]
+        return {
+            "name": a.name, "kind": a.kind, "source": a.source,
+            "instance_prompt": h.instance_prompt, "trigger": trigger_phrase(h.instance_prompt),
+            "base_model": h.metadata.get("base_model", ""), "config": f"LoRA, {rank}", "ranks": ranks,
+            "target_modules": "+".join(components), "num_targets": h.num_layers,
+            "num_parameters": h.num_parameters, "file_bytes": a.file_size,
+            "lora_rank1_parameters": None, "lora_rank1_ratio": None, "versus_lora1": "",
+        }
 
     # ---- generation -----------------------------------------------------------------------------
     def check_request(self, prompt: str, steps: Any, guidance: Any, width: Any, height: Any) -> tuple[int, float, int, int]:
@@ -530,13 +616,16 @@ class Studio:
         return weights
 
     def _activate(self, weights: list[tuple[str, float, float]]) -> None:
-        """Switch the loaded adapters on, each with its UNet and text-encoder weight (diffusers' dict form)."""
+        """Switch every loaded adapter on, SuperLoRA and LoRA alike, in one diffusers `set_adapters` call: each gets
+        its UNet weight on the UNet and its text-encoder weight on the text encoders, naming only the components it
+        adapts (diffusers warns about the others). `enable_lora` turns on every peft adapter, SuperLoRAs included."""
         if not self.loaded:
             return
-        texts = [c for c in self.pipe._superlora_components() if c != "unet"]
-        self.pipe.set_superlora_adapters([n for n, _, _ in weights],
-                                         [{"unet": u, **{c: t for c in texts}} for _, u, t in weights])
-        self.pipe.enable_superlora()
+        adapted = self.pipe.get_list_adapters()
+        self.pipe.set_adapters([n for n, _, _ in weights],
+                               [{c: u if c == "unet" else t for c, names in adapted.items() if n in names}
+                                for n, u, t in weights])
+        self.pipe.enable_lora()
 
     def _use_sampler(self, sampler: str | None) -> str:
         """Put the named scheduler on the pipeline (built from the base model's own scheduler config)."""
@@ -615,9 +704,10 @@ class Studio:
             self._use_sampler(sampler)
             images = self._run(clean, negative, seeds, steps, guidance, width, height,
                                self._counter(steps, progress, "generating"))
+            kinds = {a.name: a.kind for a in self.loaded}
         settings = {"prompt": prompt, "negative_prompt": negative or "", "steps": steps, "guidance_scale": guidance,
                     "sampler": sampler, "width": width, "height": height, "base_model": self.base,
-                    "adapters": [{"name": n, "unet": u, "text_encoder": t} for n, u, t in weights]}
+                    "adapters": [{"name": n, "kind": kinds[n], "unet": u, "text_encoder": t} for n, u, t in weights]}
         return [with_settings(im, {**settings, "seed": s}) for im, s in zip(images, seeds)], seed
 
     def compare(self, prompt: str, negative: str = "", seed: Any = 0, randomize: bool = False, steps: Any = 20,
@@ -634,11 +724,11 @@ class Studio:
             self._activate(weights)
             self._use_sampler(sampler)
             report = self._counter(2 * steps, progress, "comparing")
-            self.pipe.disable_superlora()
+            self.pipe.disable_lora()  # every peft adapter: the LoRAs and the SuperLoRAs
             try:
                 (base,) = self._run(clean, negative, [seed], steps, guidance, width, height, report)
             finally:
-                self.pipe.enable_superlora()
+                self.pipe.enable_lora()
             (adapted,) = self._run(clean, negative, [seed], steps, guidance, width, height, report)
         return base, adapted, seed
 

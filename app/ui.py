@@ -41,6 +41,7 @@ from .core import (
     SAMPLERS,
     XY_AXES,
     SCALE_RANGE,
+    SUPERLORA,
     TRAIN_IMAGES,
     Studio,
     UserError,
@@ -101,16 +102,17 @@ def info_markdown(studio: Studio) -> str:
     rows = studio.adapter_info()
     if not rows:
         return ("*No adapter loaded.* Pick one from the folder list and press **Load**, or upload a `.safetensors` "
-                "SuperLoRA. Several can be active at once, each with its own UNet and text-encoder strength.")
+                "SuperLoRA or LoRA. Several can be active at once, each with its own UNet and text-encoder strength.")
     blocks = []
     for i, r in enumerate(rows, 1):
         trigger = f" · trigger *{r['trigger']}*" if r["trigger"] else ""
         trained = f" · trained on `{r['base_model']}`" if r["base_model"] else ""
+        versus = (f" · a rank-1 LoRA of the same targets has {r['lora_rank1_parameters']:,} ({r['versus_lora1']})"
+                  if r["lora_rank1_parameters"] else "")
         blocks.append(
-            f"**{i}. {r['name']}**{trigger}  \n"
+            f"**{i}. {r['name']}** · {r['kind']}{trigger}  \n"
             f"{r['config']} · {r['num_targets']} targets (`{r['target_modules']}`){trained}  \n"
-            f"**{r['num_parameters']:,}** trainable parameters · file {human_bytes(r['file_bytes'])} · a rank-1 LoRA "
-            f"of the same targets has {r['lora_rank1_parameters']:,} ({r['versus_lora1']})")
+            f"**{r['num_parameters']:,}** trainable parameters · file {human_bytes(r['file_bytes'])}{versus}")
     return "\n\n".join(blocks)
 
 
@@ -120,8 +122,9 @@ def card_markdown(card: dict[str, Any] | None) -> str:
     trigger = f"trigger *{card['trigger']}*" if card["trigger"] else "no trigger words recorded"
     base = f"trained on `{card['base_model']}`" if card["base_model"] else "base model not recorded"
     loaded = " · **loaded**" if card["loaded"] else ""
-    return (f"**{card['label']}**{loaded}  \n{trigger} · {base}  \n**{card['num_parameters']:,}** trainable "
-            f"parameters · file {human_bytes(card['file_bytes'])}  \n`{card['file']}`")
+    return (f"**{card['label']}** · {card['kind']}{loaded}  \n{trigger} · {base}  \n"
+            f"**{card['num_parameters']:,}** trainable parameters · file {human_bytes(card['file_bytes'])}  \n"
+            f"`{card['file']}`")
 
 
 def card_items(cards: list[dict[str, Any]]) -> list[tuple[Any, str]]:
@@ -135,7 +138,8 @@ def card_items(cards: list[dict[str, Any]]) -> list[tuple[Any, str]]:
         else:
             image = Image.new("RGB", (256, 256), "#e5e7eb")
             ImageDraw.Draw(image).text((86, 120), "no preview", fill="#6b7280")
-        items.append((image, f"{c['label']} · {c['num_parameters']:,} params · {human_bytes(c['file_bytes'])}"))
+        items.append((image, f"{c['label']} · {c['kind']} · {c['num_parameters']:,} params · "
+                             f"{human_bytes(c['file_bytes'])}"))
     return items
 
 
@@ -183,7 +187,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
         rows, unet_sliders, text_sliders = [], [], []
         for i in range(MAX_ADAPTERS):
             if i < len(studio.loaded):
-                name = studio.loaded[i].name
+                a = studio.loaded[i]
+                name = a.name if a.kind == SUPERLORA else f"{a.name} ({a.kind})"
                 u = unet[i] if i < len(unet) and unet[i] is not None else 1.0
                 t = text[i] if i < len(text) and text[i] is not None else 1.0
                 rows.append(gr.Row(visible=True))
@@ -231,8 +236,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     load = gr.Button("Load", size="sm", variant="secondary", scale=1, min_width=60, elem_id="load")
                 add_trigger = gr.Checkbox(label="Add the adapter's trigger words to the prompt when loading it",
                                           value=True, elem_id="add-trigger")
-                upload = gr.File(label="…or upload a SuperLoRA .safetensors", file_types=[".safetensors"],
-                                 file_count="single", height=120, elem_id="upload")
+                upload = gr.File(label="…or upload a SuperLoRA or LoRA (diffusers/peft, kohya) .safetensors",
+                                 file_types=[".safetensors"], file_count="single", height=120, elem_id="upload")
                 slot_rows, slot_unet, slot_text, slot_remove = [], [], [], []
                 for i in range(MAX_ADAPTERS):
                     with gr.Row(visible=False, equal_height=True, elem_id=f"slot-{i + 1}") as row:
@@ -511,9 +516,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         @api_errors
         def upload_adapter(file) -> list[dict]:
-            """Load an uploaded SuperLoRA .safetensors file; returns every loaded adapter's information."""
+            """Load an uploaded SuperLoRA or LoRA .safetensors file; returns every loaded adapter's information."""
             if not file:
-                raise UserError("upload a SuperLoRA .safetensors file")
+                raise UserError("upload a SuperLoRA or LoRA .safetensors file")
             path = Path(file if isinstance(file, str) else file.name)
             studio.load_adapter(path, path.name)
             return studio.adapter_info()
@@ -535,7 +540,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
         api_name.submit(remove_adapter, [api_name], [api_adapters], api_name="remove_adapter", **pipe_queue)
 
         def adapter_info() -> list[dict]:
-            """Each loaded adapter: name, trigger words, config, trainable parameters, file size, rank-1 LoRA ratio."""
+            """Each loaded adapter: name, kind (SuperLoRA or LoRA), trigger words, config, trainable parameters, file
+            size, rank-1 LoRA ratio (SuperLoRAs)."""
             return studio.adapter_info()
 
         gr.api(adapter_info, api_name="adapter_info")

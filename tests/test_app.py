@@ -30,7 +30,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from app.screenshot import chromium_path, free_port, generate_in_browser, launch_browser  # noqa: E402
 from superlora_diffusers import SuperLoRAConfig  # noqa: E402
-from superlora_diffusers import inject_superlora  # noqa: E402
+from superlora_diffusers import find_targets, inject_superlora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR = sorted((ROOT / "examples" / "striped_star").glob("*.png"))
@@ -47,6 +47,19 @@ def save_adapter(pipe, folder: Path, prompt: str, seed: int = 0, targets: str = 
     path = pipe.save_superlora_weights(folder, metadata={"instance_prompt": prompt})
     pipe.unload_superlora_weights()
     return path
+
+
+def save_lora(pipe, file: Path, seed: int = 5, targets: str = "unet+text") -> Path:
+    """An ordinary diffusers/peft LoRA (rank 2, from random ΔWs), as `pipe.load_lora_weights` reads it."""
+    from safetensors.torch import save_file
+
+    from superlora_diffusers.export import to_lora_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    deltas = {t.name: torch.randn(t.shape, generator=g) * 0.3 for t in find_targets(pipe._superlora_components(), targets)}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(to_lora_state_dict(deltas, rank=2)[0], str(file))
+    return file
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +84,9 @@ def world(tmp_path_factory):
     from safetensors.torch import save_file
 
     save_file({"lora_unet_down.lora_down.weight": torch.zeros(2, 2)}, str(root / "uploads" / "kohya_lora.safetensors"))
+    save_file({"conv.weight": torch.zeros(4, 4), "conv.bias": torch.zeros(4)}, str(root / "uploads" / "junk.safetensors"))
+    save_lora(pipe, root / "uploads" / "plain_lora.safetensors")
+    save_lora(other, root / "uploads" / "other_lora.safetensors")
     return {"root": root, "base": base, "adapters": adapters, "uploads": root / "uploads"}
 
 
@@ -225,9 +241,24 @@ def test_upload_adapter(app, world):
     assert info["instance_prompt"] == "a photo of sks star"
 
 
+def test_upload_a_lora_beside_a_superlora(app, world):
+    app.predict("sks-star", api_name="/load_adapter")
+    superlora_only, _ = generate(app, seed=3)
+    rows = app.predict(handle_file(str(world["uploads"] / "plain_lora.safetensors")), api_name="/upload_adapter")
+    assert [(r["name"], r["kind"]) for r in rows] == [("sks-star", "SuperLoRA"), ("plain_lora", "LoRA")]
+    assert rows[1]["config"] == "LoRA, rank 2" and rows[1]["target_modules"] == "unet+text_encoder"
+    both, _ = generate(app, seed=3)
+    assert not np.array_equal(both[0], superlora_only[0])
+    at_zero, _ = generate(app, seed=3, scales=(1.0, 0.0, 1.0, 1.0), text_scales=(1.0, 0.0, 1.0, 1.0))
+    assert np.array_equal(at_zero[0], superlora_only[0])  # the LoRA's sliders at 0: the SuperLoRA alone
+
+
 @pytest.mark.parametrize("name, message", [
     ("notes.safetensors", "not a readable safetensors file"),
-    ("kohya_lora.safetensors", "is a LoRA, not a SuperLoRA"),
+    ("kohya_lora.safetensors", "looks like a LoRA but diffusers cannot load it"),
+    ("junk.safetensors", r"is neither a SuperLoRA nor a LoRA \(2 tensors, e.g. 'conv.bias', no LoRA keys\); load a "
+                         r"SuperLoRA file or a LoRA with diffusers/peft \(lora_A/lora_B\) or kohya"),
+    ("other_lora.safetensors", "is a LoRA for another base model"),
     ("other-base/superlora_weights.safetensors", "trained for another base model"),
 ])
 def test_bad_upload_is_an_error_and_the_app_keeps_running(app, world, name, message):
@@ -284,7 +315,7 @@ def test_png_holds_its_settings_and_the_sampler_is_used(app):
     first, second = (read_png_settings(f) for f in files)
     assert first["seed"] == 11 and second["seed"] == 12 and first["sampler"] == "Euler a" and first["steps"] == 3
     assert first["prompt"] == "a photo of sks star <superlora:sks-star:0.5>"
-    assert first["adapters"] == [{"name": "sks-star", "unet": 0.5, "text_encoder": 0.5}]
+    assert first["adapters"] == [{"name": "sks-star", "kind": "SuperLoRA", "unet": 0.5, "text_encoder": 0.5}]
     assert "Sampler: Euler a, CFG scale: 5, Seed: 11" in Image.open(files[0]).text["parameters"]
     s = first  # the settings read back regenerate the same image
     again, _ = generate(app, prompt=s["prompt"], seed=s["seed"], steps=s["steps"], sampler=s["sampler"])
@@ -461,6 +492,132 @@ def test_prompt_tags_and_trigger_words():
     assert insert_trigger("sks star on grass", "a photo of sks star") == "sks star on grass"  # once only
 
 
+@pytest.fixture
+def studio(world, tmp_path):
+    """The app's core without a server, its adapter folder holding SuperLoRA sks-star and an ordinary LoRA in
+    plain/ (diffusers' file name, pytorch_lora_weights.safetensors)."""
+    import shutil
+
+    from app.core import Studio
+
+    adapters = tmp_path / "adapters"
+    shutil.copytree(world["adapters"] / "sks-star", adapters / "sks-star", ignore=shutil.ignore_patterns("checkpoint-*"))
+    (adapters / "plain").mkdir()
+    shutil.copy(world["uploads"] / "plain_lora.safetensors", adapters / "plain" / "pytorch_lora_weights.safetensors")
+    return Studio(str(world["base"]), adapters, device="cpu")
+
+
+def core_image(studio, prompt: str = "a photo of sks star", **kw) -> np.ndarray:
+    images, _ = studio.generate(prompt, seed=3, steps=3, width=16, height=16, **kw)
+    return np.asarray(images[0], dtype=np.int16)
+
+
+def reference_image(base: Path, files: dict[str, Path], weights: list) -> np.ndarray:
+    """The package-level result: a fresh pipeline, the files loaded by hand, diffusers' own set_adapters."""
+    from app.core import load_pipeline
+
+    pipe = load_pipeline(str(base))
+    pipe.set_progress_bar_config(disable=True)
+    for name, file in files.items():
+        if "superlora" in file.name:
+            pipe.load_superlora_weights(str(file), adapter_name=name)
+        else:
+            pipe.load_lora_weights(str(file), adapter_name=name)
+    pipe.set_adapters(list(files), weights)
+    out = pipe("a photo of sks star", num_inference_steps=3, guidance_scale=5.0, width=16, height=16,
+               generator=[torch.Generator("cpu").manual_seed(3)])
+    return np.asarray(out.images[0], dtype=np.int16)
+
+
+class DiffusersWarnings(list):
+    """diffusers' warnings (its logger does not propagate to pytest's caplog), collected while in the block."""
+
+    def __enter__(self):
+        import logging
+
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        logging.getLogger("diffusers").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("diffusers").removeHandler(self.handler)
+
+
+def test_core_a_lora_mixes_with_a_superlora_in_one_set_adapters(studio, world):
+    from safetensors.torch import load_file
+
+    assert [label for label, _ in studio.list_adapter_files()] == ["plain", "sks-star"]  # LoRA files are listed
+    base = core_image(studio)
+    studio.load_adapter(*studio.resolve_adapter("sks-star"))
+    superlora_only = core_image(studio)
+    assert studio.load_adapter(*studio.resolve_adapter("plain")) == "plain"
+    star, lora = world["adapters"] / "sks-star" / "superlora_weights.safetensors", world["uploads"] / "plain_lora.safetensors"
+    row = studio.adapter_info()[1]
+    assert [r["kind"] for r in studio.adapter_info()] == ["SuperLoRA", "LoRA"]
+    assert row["ranks"] == [2] and row["config"] == "LoRA, rank 2" and row["target_modules"] == "unet+text_encoder"
+    assert row["num_parameters"] == sum(t.numel() for t in load_file(str(lora)).values())
+    assert row["file_bytes"] == lora.stat().st_size
+    with DiffusersWarnings() as warned:  # the unet-only SuperLoRA is given no text-encoder weight
+        images, _ = studio.generate("a photo of sks star", seed=3, steps=3, width=16, height=16, scales=[0.7, 0.8],
+                                    text_scales=[1.0, 0.5])
+    assert warned == []
+    mixed = np.asarray(images[0], dtype=np.int16)
+    assert np.array_equal(mixed, reference_image(world["base"], {"sks-star": star, "plain": lora},
+                                                 [{"unet": 0.7}, {"unet": 0.8, "text_encoder": 0.5}]))
+    lora_only = core_image(studio, scales=[0.0, 1.0], text_scales=[0.0, 1.0])
+    assert not np.array_equal(mixed, superlora_only) and not np.array_equal(mixed, lora_only)
+    assert not np.array_equal(lora_only, base) and not np.array_equal(lora_only, superlora_only)
+    assert np.array_equal(core_image(studio, scales=[1.0, 0.0], text_scales=[1.0, 0.0]), superlora_only)
+    for tag in ("<lora:plain:0>", "<superlora:plain:0>"):  # either tag, for either kind
+        assert np.array_equal(core_image(studio, f"a photo of sks star {tag}"), superlora_only)
+    settings = json.loads(images[0].info["superlora"])
+    assert [(a["name"], a["kind"]) for a in settings["adapters"]] == [("sks-star", "SuperLoRA"), ("plain", "LoRA")]
+    assert "<superlora:sks-star:0.7:1> <lora:plain:0.8:0.5>" in images[0].info["parameters"]
+    studio.unload_adapter(1)
+    assert "plain" not in {n for names in studio.pipe.get_list_adapters().values() for n in names}
+    assert np.array_equal(core_image(studio), superlora_only)
+
+
+def test_core_a_kohya_lora_loads_and_compare_switches_every_adapter_off(studio, world, tmp_path):
+    from superlora_diffusers.export import export_adapter
+
+    kohya = export_adapter(world["adapters"] / "sks-star", tmp_path / "star_kohya.safetensors", to="kohya", rank=2).path
+    base = core_image(studio)
+    assert studio.load_adapter(kohya, kohya.name) == "star_kohya"  # a LoRA alone, no SuperLoRA loaded
+    (row,) = studio.adapter_info()
+    assert row["kind"] == "LoRA" and row["target_modules"] == "unet" and row["instance_prompt"] == "a photo of sks star"
+    with DiffusersWarnings() as warned:  # a LoRA without text-encoder layers, given a text-encoder strength
+        adapted = core_image(studio, text_scales=[0.5])
+    assert warned == [] and not np.array_equal(adapted, base)
+    assert np.array_equal(adapted, reference_image(world["base"], {"k": kohya}, [1.0]))
+    studio.load_adapter(*studio.resolve_adapter("sks-star"))
+    without, with_both, _ = studio.compare("a photo of sks star", seed=3, steps=3, width=16, height=16)
+    assert np.array_equal(np.asarray(without, dtype=np.int16), base)  # the LoRA is switched off too
+    assert np.array_equal(np.asarray(with_both, dtype=np.int16), core_image(studio))
+
+
+def test_core_a_file_that_is_no_adapter_is_one_clear_error(studio, world):
+    import shutil
+
+    from app.core import UserError
+
+    shutil.copy(world["uploads"] / "junk.safetensors", studio.adapters_dir / "junk.safetensors")
+    assert "junk.safetensors" not in dict(studio.list_adapter_files())
+    studio.load_adapter(*studio.resolve_adapter("sks-star"))
+    before = core_image(studio)
+    for name, message in [("junk.safetensors", "is neither a SuperLoRA nor a LoRA"),
+                          ("other_lora.safetensors", "is a LoRA for another base model")]:
+        with pytest.raises(UserError, match=f"'{name}' {message}") as refused:
+            studio.load_adapter(world["uploads"] / name, name)
+        assert "\n" not in str(refused.value)
+    assert [a.name for a in studio.loaded] == ["sks-star"]
+    assert {n for names in studio.pipe.get_list_adapters().values() for n in names} == {"sks-star"}
+    assert np.array_equal(core_image(studio), before)
+
+
 def test_png_settings_round_trip_and_refusals(tmp_path):
     from app.core import UserError, read_png_settings
 
@@ -580,6 +737,16 @@ def test_browser_labels_seeds_and_the_upload_box(app, page, world):
     page.get_by_role("tab", name="Train").click()  # (a tab's content is drawn when it is opened)
     expect(page.get_by_label("number input for Training steps", exact=True)).to_have_count(1)
     assert page.get_by_label("number input for Steps", exact=True).count() == 0
+
+
+def test_browser_uploads_a_lora_into_a_slot(app, page, world):
+    from playwright.sync_api import expect
+
+    page.locator("#upload input[type=file]").set_input_files(str(world["uploads"] / "plain_lora.safetensors"))
+    expect(page.locator("#adapter-info")).to_contain_text("plain_lora · LoRA")
+    expect(page.locator("#adapter-info")).to_contain_text("LoRA, rank 2")
+    expect(page.get_by_label("number input for plain_lora (LoRA) · UNet strength", exact=True)).to_have_count(1)
+    assert [i["kind"] for i in app.predict(api_name="/adapter_info")] == ["LoRA"]
 
 
 def test_browser_training_loads_the_new_adapter(app, page):
