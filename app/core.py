@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, TypedDict
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
@@ -343,6 +343,58 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
+# ---- what the API returns: TypedDicts, so gradio_client's view_api() names every field and its type ------
+class AdapterRow(TypedDict):
+    """One loaded adapter (/adapter_info, /load_adapter, /remove_adapter; the adapter panel's lines)."""
+    name: str
+    kind: Literal["SuperLoRA", "LoRA"]
+    source: str
+    instance_prompt: str
+    trigger: str
+    base_model: str
+    config: str
+    ranks: list[int] | None  # a LoRA's layer ranks
+    target_modules: str | list[str] | None
+    num_targets: int
+    num_parameters: int
+    file_bytes: int
+    lora_rank1_parameters: int | None  # a SuperLoRA's rank-1 LoRA of the same targets
+    lora_rank1_ratio: float | None
+    versus_lora1: str
+
+
+class AdapterCard(TypedDict):
+    """One adapter file in the folder, from its header (/adapter_cards; the Library tab)."""
+    label: str
+    file: str
+    preview: str | None
+    kind: Literal["SuperLoRA", "LoRA"]
+    trigger: str
+    instance_prompt: str
+    base_model: str
+    num_parameters: int
+    file_bytes: int
+    loaded: bool
+
+
+class TrainStatus(TypedDict):
+    """The current or last training (/train_status; the Train tab)."""
+    name: str
+    state: Literal["preparing", "training", "finishing", "done", "failed", "cancelled"]
+    step: int
+    max_steps: int
+    loss: float | None
+    error: str
+    weights: str
+    output_dir: str
+    config: str
+    num_parameters: int
+    instance_prompt: str
+    elapsed_s: float
+    grid: str | None
+    stop_requested: bool
+
+
 # ---- the studio -----------------------------------------------------------------------------------
 @dataclass
 class LoadedAdapter:
@@ -428,7 +480,7 @@ class Studio:
                             "upload the file instead")
         return str(path), self._label(path)
 
-    def adapter_cards(self, query: str = "") -> list[dict[str, Any]]:
+    def adapter_cards(self, query: str = "") -> list[AdapterCard]:
         """One card per adapter in the folder (header only): label, path, preview (the run's own `samples.png`, its
         validation sample), kind, trigger words, trainable parameters, bytes, base model, loaded or not; `query`
         filters on label, trigger words and base model."""
@@ -437,7 +489,7 @@ class Studio:
         for label, path in self.list_adapter_files():
             header = read_adapter_file(Path(path))
             preview = Path(path).parent / "samples.png"
-            card = {
+            card: AdapterCard = {
                 "label": label, "file": path, "preview": str(preview) if preview.is_file() else None,
                 "kind": header.kind, "trigger": trigger_phrase(header.instance_prompt),
                 "instance_prompt": header.instance_prompt, "base_model": header.metadata.get("base_model", ""),
@@ -521,12 +573,12 @@ class Studio:
                 self.pipe.delete_adapters(adapter.name)
         return adapter.name
 
-    def adapter_info(self) -> list[dict[str, Any]]:
+    def adapter_info(self) -> list[AdapterRow]:
         """Each loaded adapter's row for the info panel and /adapter_info, SuperLoRA and LoRA alike."""
         with self.lock:
             return [self._superlora_row(a) if a.kind == SUPERLORA else self._lora_row(a) for a in self.loaded]
 
-    def _superlora_row(self, a: LoadedAdapter) -> dict[str, Any]:
+    def _superlora_row(self, a: LoadedAdapter) -> AdapterRow:
         info = self.pipe.get_superlora_info(a.name)
         try:
             config = describe(SuperLoRAConfig.from_dict(info["config"]))
@@ -544,7 +596,7 @@ class Studio:
             "versus_lora1": versus_lora1(info["num_parameters"], info["lora_rank1_parameters"]),
         }
 
-    def _lora_row(self, a: LoadedAdapter) -> dict[str, Any]:
+    def _lora_row(self, a: LoadedAdapter) -> AdapterRow:
         """A LoRA's row from its file header, with the components diffusers actually adapted (a rank-1 comparison
         would compare a LoRA with itself: left empty)."""
         h = a.header
@@ -868,7 +920,7 @@ class TrainJob:
         what = "final samples" if stem == "samples" else f"validation at step {int(stem.split('-')[-1])} of {self.max_steps}"
         return captioned(grid, f"{what} · {self.instance_prompt}")
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> TrainStatus:
         return {
             "name": self.name, "state": self.state, "step": self.step, "max_steps": self.max_steps,
             "loss": self.loss, "error": self.error, "weights": self.weights, "output_dir": str(self.output_dir),
@@ -1017,10 +1069,10 @@ class Trainer:
         self.job.cancel.set()
         return self.job.name
 
-    def status(self) -> dict[str, Any] | None:
+    def status(self) -> TrainStatus | None:
         return self.job.summary() if self.job else None
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+    def wait(self, timeout: float | None = None) -> TrainStatus | None:
         if self.thread is not None:
             self.thread.join(timeout)
         return self.status()

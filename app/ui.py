@@ -6,13 +6,15 @@ of a raising event with an "Error" badge that would cover the sliders and ✕ bu
 parameters and outputs, listed by `gradio_client.Client.view_api()`) raise the one-line message, so clients
 get it as an error:
 
-/generate, /compare, /sweep, /refresh_adapters, /load_adapter, /upload_adapter, /remove_adapter,
-/adapter_info, /train, /train_status, /stop_training.
+/generate, /compare, /sweep, /xy_grid, /refresh_adapters, /load_adapter, /upload_adapter, /remove_adapter,
+/adapter_info, /adapter_cards, /delete_adapter, /train, /train_status, /stop_training.
+
+The gr.api endpoints' type hints are their API schema (the returned dicts are core's TypedDicts), so this
+module does not postpone annotations: `from __future__ import annotations` would leave gr.api a string for
+the return type, which view_api() shows as Any.
 
 Ordinary user mistakes are logged as one line; only unexpected exceptions get a traceback.
 """
-
-from __future__ import annotations
 
 import functools
 import logging
@@ -43,7 +45,10 @@ from .core import (
     SCALE_RANGE,
     SUPERLORA,
     TRAIN_IMAGES,
+    AdapterCard,
+    AdapterRow,
     Studio,
+    TrainStatus,
     UserError,
     MAX_CLASS_IMAGES,
     enlarge,
@@ -344,10 +349,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         with gr.Accordion("Model card", open=False):
                             train_card = gr.Markdown("", label="model card", elem_id="train-card")
 
-            # hidden components: the adapter endpoints' named parameters and output for API clients
-            api_path = gr.Textbox(label="path", visible=False)
+            # hidden components for /upload_adapter: a file reaches the app only through gr.File's upload
             api_file = gr.File(label="file", visible=False, file_types=[".safetensors"])
-            api_name = gr.Textbox(label="name", visible=False)
             api_adapters = gr.JSON(label="adapters", visible=False)
             # the library's state in hidden components: a gr.State makes Gradio hold a heartbeat connection open,
             # so the page never goes network-idle, which browser automation (and app/screenshot.py) waits for
@@ -495,27 +498,32 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
             remove.click(remove_slot, slot_scales, [*slot_outputs, adapter_msg], **private, **pipe_queue)
 
+        def refresh_list(current: str | None) -> gr.Dropdown:
+            """Rescan the adapter folder; the picked adapter stays picked while it is still there."""
+            choices = file_choices()
+            return gr.Dropdown(choices=choices, value=current if current in [p for _, p in choices] else None)
+
+        refresh.click(refresh_list, [adapter_file], [adapter_file], **private)
+
         # ---- adapters: API endpoints (raise on a mistake; the page does not listen to them) -------------
         @api_errors
-        def refresh_adapters(current=None):
-            """Rescan the adapter folder: (label, path) choices of the adapter dropdown."""
-            choices = file_choices()
-            keep = current if current in [p for _, p in choices] else None
-            return gr.Dropdown(choices=choices, value=keep)
+        def refresh_adapters() -> list[list[str]]:
+            """Rescan the adapter folder: [label, path] of every SuperLoRA or LoRA file in it."""
+            return [[label, path] for label, path in file_choices()]
 
-        refresh.click(refresh_adapters, [adapter_file], [adapter_file], api_name="refresh_adapters")
+        gr.api(refresh_adapters, api_name="refresh_adapters")
 
         @api_errors
-        def load_adapter(path: str) -> list[dict]:
+        def load_adapter(path: str) -> list[AdapterRow]:
             """Load an adapter by its folder-list label or its path inside the adapter folder (a training that just
             finished included); returns every loaded adapter's information."""
             studio.load_adapter(*studio.resolve_adapter(path))
             return studio.adapter_info()
 
-        api_path.submit(load_adapter, [api_path], [api_adapters], api_name="load_adapter", **pipe_queue)
+        gr.api(load_adapter, api_name="load_adapter", **pipe_queue)
 
         @api_errors
-        def upload_adapter(file) -> list[dict]:
+        def upload_adapter(file) -> list[AdapterRow]:
             """Load an uploaded SuperLoRA or LoRA .safetensors file; returns every loaded adapter's information."""
             if not file:
                 raise UserError("upload a SuperLoRA or LoRA .safetensors file")
@@ -526,7 +534,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         api_file.upload(upload_adapter, [api_file], [api_adapters], api_name="upload_adapter", **pipe_queue)
 
         @api_errors
-        def remove_adapter(name: str) -> list[dict]:
+        def remove_adapter(name: str) -> list[AdapterRow]:
             """Unload the loaded adapter of this name (or slot number 1-4); returns the adapters left."""
             names = [a.name for a in studio.loaded]
             if str(name).strip().isdigit():
@@ -537,9 +545,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 raise UserError(f"no loaded adapter named {name!r}; loaded: {', '.join(names) or 'none'}")
             return studio.adapter_info()
 
-        api_name.submit(remove_adapter, [api_name], [api_adapters], api_name="remove_adapter", **pipe_queue)
+        gr.api(remove_adapter, api_name="remove_adapter", **pipe_queue)
 
-        def adapter_info() -> list[dict]:
+        def adapter_info() -> list[AdapterRow]:
             """Each loaded adapter: name, kind (SuperLoRA or LoRA), trigger words, config, trainable parameters, file
             size, rank-1 LoRA ratio (SuperLoRAs)."""
             return studio.adapter_info()
@@ -584,7 +592,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         lib_delete.click(delete_card, [lib_selected, lib_armed, lib_search], [*card_outputs, adapter_msg], **private)
 
         @api_errors
-        def adapter_cards(query: str = "") -> list[dict]:
+        def adapter_cards(query: str = "") -> list[AdapterCard]:
             """Every adapter in the folder (filtered by `query`): label, path, preview, trigger words, parameters,
             bytes, base model, loaded."""
             return studio.adapter_cards(query)
@@ -592,7 +600,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         gr.api(adapter_cards, api_name="adapter_cards")
 
         @api_errors
-        def delete_adapter(path: str) -> list[dict]:
+        def delete_adapter(path: str) -> list[AdapterCard]:
             """Delete an adapter (folder-list label or path) from the adapter folder; returns the cards left."""
             studio.delete_adapter_file(path)
             return studio.adapter_cards()
@@ -664,9 +672,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
         ).then(load_trained, [adapter_file, prompt, add_trigger, *slot_scales], [*slot_outputs, adapter_msg, prompt],
                **private, **pipe_queue)
 
-        def train_status_api() -> dict:
-            """The current (or last) training: state, step, max_steps, loss, error, weights, grid..."""
-            return studio.trainer.status() or {}
+        def train_status_api() -> TrainStatus | None:
+            """The current (or last) training: state, step, max_steps, loss, error, weights, grid...; None before
+            the first one."""
+            return studio.trainer.status()
 
         gr.api(train_status_api, api_name="train_status")
         status_btn.click(train_status, None, [train_bar, train_md, train_grid], **private, concurrency_limit=None)
@@ -681,8 +690,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         demo.load(lambda: (gr.Dropdown(choices=file_choices()), *train_status(), *slot_updates(), *show_cards("")),
                   None, [adapter_file, train_bar, train_md, train_grid, *slot_outputs, *card_outputs], **private)
-    name_api_outputs(demo, {"adapter_info": "adapters", "train_status": "status", "adapter_cards": "cards",
-                            "delete_adapter": "cards"})
+    name_api_outputs(demo, {"refresh_adapters": "trained_adapters", "load_adapter": "adapters",
+                            "remove_adapter": "adapters", "adapter_info": "adapters", "adapter_cards": "cards",
+                            "delete_adapter": "cards", "train_status": "status"})
     return demo
 
 

@@ -151,7 +151,7 @@ def generate(client, n=1, **kw):
 
 
 def adapter_paths(client) -> dict[str, str]:
-    return {label: path for label, path in client.predict(None, api_name="/refresh_adapters")["choices"]}
+    return {label: path for label, path in client.predict(api_name="/refresh_adapters")}
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -275,20 +275,33 @@ def test_upload_of_a_non_safetensors_file(app, world):
 
 
 # ---- the API, the log, PNG settings, samplers ---------------------------------------------------------
-def test_view_api_names_every_parameter_and_output(client):
-    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+def test_view_api_names_and_types_every_parameter_and_output(app):
+    """Every parameter and output has a real name and a type (no Gradio-made param_N / value_N / '1st', no Any: a
+    gr.api endpoint whose hints are strings, e.g. under `from __future__ import annotations`, shows Any), and the
+    fields view_api() documents for the adapter rows and cards are the keys the endpoints return."""
+    api = app.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(api) == {"/generate", "/compare", "/sweep", "/refresh_adapters", "/load_adapter", "/upload_adapter",
                         "/remove_adapter", "/adapter_info", "/adapter_cards", "/delete_adapter", "/xy_grid", "/train",
                         "/train_status", "/stop_training"}
     for name, endpoint in api.items():
         for p in endpoint["parameters"]:
             assert not re.fullmatch(r"param_\d+", p["parameter_name"]), (name, p)
+            assert "Any" not in p["python_type"]["type"], (name, p)
         for r in endpoint["returns"]:
             assert not re.fullmatch(r"value_\d+|\d+(st|nd|rd|th)", r["label"]), (name, r)
+            assert "Any" not in r["python_type"]["type"], (name, r)
     assert [p["parameter_name"] for p in api["/generate"]["parameters"]][-9:] == [
         "num_images", *[f"scale_{i}" for i in range(1, 5)], *[f"text_scale_{i}" for i in range(1, 5)]]
     assert [r["label"] for r in api["/load_adapter"]["returns"]] == ["adapters"]
     assert [p["parameter_name"] for p in api["/load_adapter"]["parameters"]] == ["path"]
+    assert api["/refresh_adapters"]["returns"][0]["python_type"]["type"] == "list[list[str]]"
+
+    def fields(endpoint: str) -> set[str]:
+        return set(api[endpoint]["returns"][0]["type"]["items"]["properties"])
+
+    (row,) = app.predict("sks-star", api_name="/load_adapter")
+    assert fields("/load_adapter") == fields("/adapter_info") == fields("/remove_adapter") == set(row)
+    assert fields("/adapter_cards") == fields("/delete_adapter") == set(app.predict("", api_name="/adapter_cards")[0])
 
 
 def test_user_mistakes_are_one_log_line_not_a_traceback(app, world):
@@ -698,25 +711,57 @@ def set_number(page, label: str, value) -> None:
     box.press("Enter")
 
 
-def test_browser_a_refused_load_leaves_the_adapter_panel_usable(app, page):
-    """Problems 1 and 2: after a refused Load the ✕ still removes the adapter; the LoRA ratio reads right."""
+def test_browser_refused_adapter_actions_leave_the_adapter_panel_usable(app, page, world):
+    """Problems 1 and 2. Each refusal (Load with nothing picked, the same adapter twice, a bad upload, a fifth
+    adapter) shows its message and no "Error" badge, and afterwards a slider's value still counts and ✕ still
+    removes its adapter. (Before the fix these handlers raised gr.Error: Gradio then badged every output of the
+    event, the sliders, the ✕ rows and the adapter information, and the message never reached the panel.) The
+    rank-1 LoRA ratio reads right."""
     from playwright.sync_api import expect
 
-    page.locator("#adapter-file input").click()
-    page.get_by_role("option", name="sks-star", exact=True).click()
-    page.locator("#load").click()
-    info = page.locator("#adapter-info")
+    message, info = page.locator("#adapter-msg"), page.locator("#adapter-info")
+    badges = page.locator("#adapter-info, [id^=slot-]").get_by_text("Error", exact=True)
+
+    def pick_and_load(label: str | None = None) -> None:
+        if label:
+            page.locator("#adapter-file input").click()
+            page.get_by_role("option", name=label, exact=True).click()
+        page.locator("#load").click()
+
+    def upload(path: Path) -> None:
+        page.locator("#upload input[type=file]").set_input_files(str(path))
+
+    def refused(action, text: str) -> None:
+        action()
+        expect(message).to_contain_text(text)
+        expect(badges).to_have_count(0)
+
+    refused(pick_and_load, "pick an adapter from the list")
+    pick_and_load("sks-star")
     expect(info).to_contain_text("trainable parameters")
     assert re.search(r"has [\d,]+ \([\d,.]+x (more|fewer) than this adapter\)", info.inner_text())
     assert page.locator("#prompt textarea").input_value() == "a photo of sks star"  # its trigger words, inserted
-    page.locator("#load").click()  # the same adapter again: refused
-    expect(page.locator("#adapter-msg")).to_contain_text("is already loaded")
+    refused(pick_and_load, "is already loaded")
+    refused(lambda: upload(world["uploads"] / "junk.safetensors"), "is neither a SuperLoRA nor a LoRA")
+    upload(world["uploads"] / "plain_lora.safetensors")
+    expect(message).to_contain_text("Loaded plain_lora")
+    pick_and_load("nested/polka")
+    expect(message).to_contain_text("Loaded nested-polka")
+    upload(world["adapters"] / "sks-star" / "superlora_weights.safetensors")  # the 4th: an upload is another file
+    expect(message).to_contain_text("Loaded superlora_weights")
+    refused(pick_and_load, "at most 4 adapters at once")
+
+    set_number(page, "sks-star · UNet strength", 0.5)
+    page.locator("#remove-2").click(timeout=10_000)  # plain_lora's ✕
+    expect(message).to_contain_text("Removed plain_lora")
+    expect(page.get_by_label("number input for sks-star · UNet strength", exact=True)).to_have_value("0.5")
     page.locator("#remove-1").click(timeout=10_000)
-    expect(info).to_contain_text("No adapter loaded")
-    assert app.predict(api_name="/adapter_info") == []
-    page.locator("#load").click()  # and Load works again
-    expect(info).to_contain_text("trainable parameters")
-    assert [i["name"] for i in app.predict(api_name="/adapter_info")] == ["sks-star"]
+    expect(message).to_contain_text("Removed sks-star")
+    assert [i["name"] for i in app.predict(api_name="/adapter_info")] == ["nested-polka", "superlora_weights"]
+    pick_and_load("sks-star")  # and Load works again
+    expect(message).to_contain_text("Loaded sks-star")
+    assert [i["name"] for i in app.predict(api_name="/adapter_info")] == ["nested-polka", "superlora_weights",
+                                                                           "sks-star"]
 
 
 def test_browser_labels_seeds_and_the_upload_box(app, page, world):
