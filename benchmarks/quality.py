@@ -14,7 +14,8 @@ embedding, 128 params); pivotal tuning (`*_ti`: that embedding trained beside th
     # a tiny end-to-end check on CPU
     python benchmarks/quality.py run --out /tmp/q.jsonl --device cpu --workers 1 --steps 5 --n_eval 2 \
         --eval_steps 2 --subjects striped_star --methods lora_r4,t3_g12_r5 --lr_grid 3e-3
-    # the same jobs through the shipped trainer, train(TrainingConfig) (issue 23; not yet the committed results)
+    # the same jobs through the shipped trainer, train(TrainingConfig) (issue 23; equal figures with equal draws:
+    # benchmarks/loop_agreement.py; the committed results are still the own loop's)
     python benchmarks/quality.py run --out /tmp/q-trainer.jsonl --device cpu --workers 1 --targets conv \
         --train_text_encoder --prior_weight 1 --steps 1500 --seeds 1 --lr_grid 3e-3 --methods lora_r1 --loop trainer
     # table (markdown) + plot (docs/quality.png) from the JSON lines
