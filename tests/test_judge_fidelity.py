@@ -139,7 +139,7 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 def test_cli_scores_any_subject_from_its_images(tmp_path):
     from superlora_diffusers import SuperLoRAConfig  # (attaches the pipeline verbs)
     from superlora_diffusers.evaluate import main
-    from superlora_diffusers.model import inject_superlora
+    from superlora_diffusers import inject_superlora
     from superlora_diffusers.toy import load_toy_pipeline
 
     pipe = load_toy_pipeline()

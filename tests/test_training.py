@@ -112,6 +112,9 @@ def test_two_processes_on_cpu_train_one_valid_adapter(base_dir, tmp_path, adapte
     else:
         pipe.load_lora_weights(tmp_path / "mp")
         assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
+        from superlora_diffusers.serialization import umask_mode  # diffusers' saver leaves 0600: the user's umask
+
+        assert (tmp_path / "mp" / "pytorch_lora_weights.safetensors").stat().st_mode & 0o777 == umask_mode(0o666)
 
 
 def test_bf16_mixed_precision_keeps_factors_fp32_through_validation(base_dir, tmp_path):

@@ -146,7 +146,7 @@ class PeftAdapter:
         folder (adapter_config.json + adapter_model.safetensors, `PeftModel.from_pretrained`)."""
         if self.kind != "lora":
             self.model.save_pretrained(output_dir)
-            return output_dir / self.weight_name
+            return _shared(output_dir / self.weight_name)
         from diffusers import StableDiffusionPipeline
 
         state = {k.removeprefix("base_model.model."): v for k, v in self.state().items()}
@@ -159,7 +159,7 @@ class PeftAdapter:
             output_dir, unet_lora_layers=parts["unet"], text_encoder_lora_layers=parts["text_encoder"] or None,
             unet_lora_adapter_metadata=meta["unet"],
             text_encoder_lora_adapter_metadata=meta["text_encoder"] if parts["text_encoder"] else None)
-        return output_dir / self.weight_name
+        return _shared(output_dir / self.weight_name)
 
     def load(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -227,3 +227,12 @@ def build_adapter(cfg: TrainingConfig, tokenizer, unet: nn.Module, text_encoder:
                 f"{adapter.n_params:,}", 4 * adapter.n_params / 1024, f"{adapter.lora1:,}",
                 versus_lora1(adapter.n_params, adapter.lora1))
     return adapter
+
+
+def _shared(path: Path) -> Path:
+    """Give a file written by diffusers' or peft's savers the user's umask (they may leave tempfile's 0600)."""
+    from ..serialization import umask_mode
+
+    path.chmod(umask_mode(0o666))
+    return path
+

@@ -52,6 +52,10 @@ def train(cfg: TrainingConfig, on_step: OnStep | None = None) -> Path:
             weights = run.adapter.export(output_dir, {"instance_prompt": cfg.instance_prompt,
                                                       "base_model": str(cfg.pretrained_model_name_or_path)})
         final_validation(cfg, run.path, weights, run.resolution, run.adapter)
+    # Free the DDP wrapper while its process group is alive: freed after end_training(), its reducer would hold
+    # the last reference, and gloo's destructor then deadlocks on the GIL with its own worker thread.
+    run.denoiser = None
+    accelerator.free_memory()
     accelerator.end_training()
     return weights
 
