@@ -854,6 +854,8 @@ def test_browser_library_cards_search_load_and_delete(app, page, world):
     page.get_by_label("Search adapters").fill("sks-star")
     expect(cards).to_have_count(1)
     cards.first.click()
+    # the selection is a server round trip: Load before it lands would load the previous card (deleted above)
+    expect(page.locator("#lib-details")).to_contain_text("sks-star")
     page.locator("#lib-load").click()
     expect(page.locator("#adapter-info")).to_contain_text("trainable parameters")
     assert [i["name"] for i in app.predict(api_name="/adapter_info")] == ["sks-star"]
