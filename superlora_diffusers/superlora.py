@@ -170,6 +170,8 @@ def lora_parameter_count(shapes: list[Shape], rank: int = 1) -> int:
 
 def versus_lora1(num_parameters: int, lora1: int) -> str:
     """How a rank-1 LoRA of the same targets compares, in words that read right on either side of 1."""
+    if lora1 == 0:
+        return "no weight matrix is adapted"
     if lora1 >= num_parameters:
         return f"{lora1 / max(num_parameters, 1):,.1f}x more than this adapter"
     return f"{num_parameters / max(lora1, 1):,.1f}x fewer than this adapter"

@@ -213,3 +213,38 @@ def test_a_shared_peft_tuner_trains_and_reloads_as_a_peft_folder(base_dir, tmp_p
     base = generate(pipe)
     PeftModel.from_pretrained(torch.nn.ModuleDict({"unet": pipe.unet}), str(out))
     assert not torch.equal(generate(pipe), base)
+
+
+def test_textual_inversion_alone_and_pivotal_lora_train_through_peft(base_dir, tmp_path):
+    """--adapter trainable_tokens (the identifier's embedding alone) and --adapter lora --train_text_encoder_ti
+    (beside LoRA): peft's token rows, saved in peft's folder; only prompts with the word change."""
+    from peft import PeftModel
+
+    ti, pivotal = tmp_path / "ti", tmp_path / "pivotal"
+    common = ("--max_train_steps", "2", "--train_batch_size", "2", "--learning_rate", "1e-1")
+    run = train(base_dir, ti, "--adapter", "trainable_tokens", *common)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "no weight matrix is adapted" in (ti / "README.md").read_text()
+    pipe = tiny_pipeline()
+    ids = pipe.tokenizer("sks", add_special_tokens=False).input_ids
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    other = "a photo of a circle"  # none of the word's ids (the tiny tokenizer spells "sks" as s, k, s</w>)
+    base_sks, base_other = generate(pipe, "a photo of sks star"), generate(pipe, other)
+    PeftModel.from_pretrained(torch.nn.ModuleDict({"text_encoder": pipe.text_encoder}), str(ti))
+    rows = pipe.text_encoder.get_input_embeddings()(torch.arange(table.shape[0]))
+    changed = (rows != table).any(1).nonzero().flatten().tolist()
+    assert changed == sorted(ids)  # the word's rows (the tiny tokenizer splits it), nothing else
+    assert not torch.equal(generate(pipe, "a photo of sks star"), base_sks)
+    assert torch.equal(generate(pipe, other), base_other)
+
+    run = train(base_dir, pivotal, "--adapter", "lora", "--rank", "1", "--train_text_encoder_ti", "--text_encoder_lr",
+                "1e-1", *common)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"+ the embedding of 'sks' ({len(ids)} token(s))" in run.stderr
+    saved = factors(pivotal / "adapter_model.safetensors")
+    assert any("trainable_tokens_delta" in k for k in saved) and any(k.startswith("base_model.model.unet.") for k in saved)
+    assert not any(".text_encoder." in k and "lora_" in k for k in saved)  # CLIP's attention stays as it is
+    pipe = tiny_pipeline()
+    PeftModel.from_pretrained(torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder}), str(pivotal))
+    rows = pipe.text_encoder.get_input_embeddings()(torch.tensor(ids))
+    assert not torch.equal(rows, table[ids])

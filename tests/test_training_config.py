@@ -51,6 +51,14 @@ def test_peft_adapters_refuse_superlora_only_options_up_front():
     base = ["--instance_data_dir", "d", "--instance_prompt", "a sks star"]
     with pytest.raises(TrainingError, match="--adapter vera adapts nn.Linear layers only"):
         parse_args(base + ["--adapter", "vera", "--target_modules", "unet+conv"])
-    with pytest.raises(TrainingError, match="--train_text_encoder_ti and --param_budget are SuperLoRA's"):
-        parse_args(base + ["--adapter", "lora", "--train_text_encoder_ti"])
+    with pytest.raises(TrainingError, match="--param_budget is SuperLoRA's"):
+        parse_args(base + ["--adapter", "lora", "--param_budget", "5000"])
+    with pytest.raises(TrainingError, match="peft trains token rows beside LoRA only"):
+        parse_args(base + ["--adapter", "vera", "--train_text_encoder_ti"])
+    with pytest.raises(TrainingError, match="--adapter trainable_tokens trains the embedding of --token_abstraction "
+                                            "alone; drop --train_text_encoder"):
+        parse_args(base + ["--adapter", "trainable_tokens", "--train_text_encoder"])
+    with pytest.raises(TrainingError, match="--token_abstraction 'sks' is not a word"):
+        parse_args(["--instance_data_dir", "d", "--instance_prompt", "a star", "--adapter", "trainable_tokens"])
     assert parse_args(base + ["--adapter", "lokr", "--target_modules", "unet+conv"]).adapter == "lokr"
+    assert parse_args(base + ["--adapter", "lora", "--train_text_encoder_ti"]).trains_embedding

@@ -26,7 +26,8 @@ from .config import TrainingConfig, TrainingError
 
 logger = logging.getLogger("superlora.dreambooth")
 PEFT_METHODS = {"lora": "LoraConfig", "lokr": "LoKrConfig", "loha": "LoHaConfig", "vera": "VeraConfig",
-                "vblora": "VBLoRAConfig", "unilora": "UniLoraConfig", "tinylora": "TinyLoraConfig"}
+                "vblora": "VBLoRAConfig", "unilora": "UniLoraConfig", "tinylora": "TinyLoraConfig",
+                "trainable_tokens": "TrainableTokensConfig"}
 UNET_ATTENTION = r"to_q|to_k|to_v|to_out\.0"
 UNET_CONV = r"resnets\.\d+\.conv1|resnets\.\d+\.conv2"
 CLIP_ATTENTION = r"q_proj|k_proj|v_proj|out_proj"
@@ -95,36 +96,61 @@ class SuperLoRAAdapter:
 
 class PeftAdapter:
     """A peft method (`--adapter lora`, `vera`, ...) on the same layers, one peft model over UNet and text encoder
-    (`get_peft_model` on a ModuleDict), so the shared-state tuners share their state across both, as SuperLoRA."""
+    (`get_peft_model` on a ModuleDict), so the shared-state tuners share their state across both, as SuperLoRA.
+    The identifier's embedding trains through peft too: alone as `TrainableTokensConfig` (`--adapter
+    trainable_tokens`, textual inversion), or beside LoRA as its `trainable_token_indices` (pivotal tuning)."""
 
     ema_weight_name = "adapter_model_ema.safetensors"
 
-    def __init__(self, cfg: TrainingConfig, unet: nn.Module, text_encoder: nn.Module) -> None:
+    def __init__(self, cfg: TrainingConfig, tokenizer, unet: nn.Module, text_encoder: nn.Module) -> None:
         import peft
 
         self.kind = cfg.adapter
-        models = {"unet": unet, "text_encoder": text_encoder} if cfg.train_text_encoder else {"unet": unet}
+        models = {} if self.kind == "trainable_tokens" else {"unet": unet}
+        if cfg.train_text_encoder or cfg.trains_embedding:
+            models["text_encoder"] = text_encoder
         self.components = list(models)
+        embedding = "text_encoder." + next(n for n, m in text_encoder.named_modules()
+                                           if m is text_encoder.get_input_embeddings())
+        token_ids = token_ids_for(tokenizer, cfg.token_abstraction) if cfg.trains_embedding else []
         try:
-            self.config = getattr(peft, PEFT_METHODS[self.kind])(target_modules=peft_targets(cfg), **peft_kwargs(cfg))
+            if self.kind == "trainable_tokens":
+                self.config = peft.TrainableTokensConfig(token_indices=token_ids, target_modules=[embedding])
+            else:
+                extra = {"trainable_token_indices": {embedding: token_ids}} if token_ids else {}
+                self.config = getattr(peft, PEFT_METHODS[self.kind])(target_modules=peft_targets(cfg),
+                                                                     **peft_kwargs(cfg), **extra)
             self.model = peft.get_peft_model(nn.ModuleDict(models), self.config)
         except (TypeError, ValueError) as e:  # peft's own check of a size or an option, as one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingError(f"--adapter {self.kind}: {first} (set its options with --peft_kwargs).") from None
         self.module = self.model  # its trainable parameters are the adapter's
         self.n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        layers = [m.get_base_layer() for m in self.model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+        token_layer = peft.tuners.trainable_tokens.TrainableTokensLayer
+        layers = [m.get_base_layer() for m in self.model.modules()
+                  if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) and not isinstance(m, token_layer)]
         self.shapes = [layer_shape(layer) for layer in layers]
         self.entries = sum(d_out * d_in for d_out, d_in in self.shapes)
-        self.how = f"peft {PEFT_METHODS[self.kind]} on {len(layers)} layers"
-        self.weight_name = LORA_WEIGHTS if self.kind == "lora" else PEFT_FOLDER_WEIGHTS
+        self.how = f"peft {PEFT_METHODS[self.kind]} on {len(layers)} layers" + (
+            f" + the embedding of {cfg.token_abstraction!r} ({len(token_ids)} token(s))" if token_ids else "")
+        # diffusers' LoRA file has no place for token rows: with them, LoRA is saved as peft's folder too
+        self.diffusers_lora = self.kind == "lora" and not token_ids
+        self.weight_name = LORA_WEIGHTS if self.diffusers_lora else PEFT_FOLDER_WEIGHTS
         self.title = f"peft {PEFT_METHODS[self.kind].removesuffix('Config')}"
-        self.load_code = ('pipe.load_lora_weights("{out}")' if self.kind == "lora" else
+        self.load_code = ('pipe.load_lora_weights("{out}")' if self.diffusers_lora else
                           "from peft import PeftModel\nPeftModel.from_pretrained(torch.nn.ModuleDict({{"
                           + ", ".join(f'"{c}": pipe.{c}' for c in self.components) + '}}), "{out}")')
 
     def param_groups(self, lr: float, ti_lr: float) -> list[dict]:
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": lr}]
+        """The adapter at `lr`; token rows beside it at `ti_lr`, alone at `lr`. peft trains the rows themselves (not
+        offsets), so they get no weight decay: decay would pull the word's embedding to zero, not to the base."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        tokens = [p for n, p in named if "trainable_tokens_delta" in n]
+        groups = [{"params": [p for n, p in named if "trainable_tokens_delta" not in n], "lr": lr}]
+        if tokens:
+            groups.append({"params": tokens, "lr": lr if self.kind == "trainable_tokens" else ti_lr,
+                           "weight_decay": 0.0})
+        return [g for g in groups if g["params"]]
 
     def disabled(self):
         return self.model.disable_adapter()
@@ -144,7 +170,7 @@ class PeftAdapter:
     def export(self, output_dir: Path, extra: dict[str, str]) -> Path:
         """The final files: diffusers' LoRA file for LoRA (`pipe.load_lora_weights(output_dir)`), else peft's
         folder (adapter_config.json + adapter_model.safetensors, `PeftModel.from_pretrained`)."""
-        if self.kind != "lora":
+        if not self.diffusers_lora:
             self.model.save_pretrained(output_dir)
             return _shared(output_dir / self.weight_name)
         from diffusers import StableDiffusionPipeline
@@ -168,7 +194,7 @@ class PeftAdapter:
         set_peft_model_state_dict(self.model, load_file(str(path)))
 
     def load_into(self, pipe, weights: Path) -> None:
-        if self.kind == "lora":
+        if self.diffusers_lora:
             pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
             return
         from peft import PeftModel
@@ -217,7 +243,7 @@ def build_adapter(cfg: TrainingConfig, tokenizer, unet: nn.Module, text_encoder:
     if cfg.adapter == "superlora":
         adapter = SuperLoRAAdapter(cfg, tokenizer, unet, text_encoder)
     else:
-        adapter = PeftAdapter(cfg, unet, text_encoder)
+        adapter = PeftAdapter(cfg, tokenizer, unet, text_encoder)
     adapter.lora1 = lora_parameter_count(adapter.shapes)
     if not log:
         return adapter

@@ -61,9 +61,11 @@ class TrainingConfig:
     repeats: int = option(1, "repeat the instance images this many times per epoch", DATA)
     caption_extension: str = option(".txt", "per-image caption files <image><ext> override the prompt", DATA)
     # the adapter
-    adapter: str = option("superlora", "what trains: one shared SuperLoRA, or a peft method on the same layers (saved "
-                          "for pipe.load_lora_weights for lora, else as peft's folder)", ADAPTER,
-                          ["superlora", "lora", "lokr", "loha", "vera", "vblora", "unilora", "tinylora"])
+    adapter: str = option("superlora", "what trains: one shared SuperLoRA, a peft method on the same layers (saved "
+                          "for pipe.load_lora_weights for lora, else as peft's folder), or trainable_tokens: the "
+                          "embedding of --token_abstraction alone (textual inversion, at --learning_rate)", ADAPTER,
+                          ["superlora", "lora", "lokr", "loha", "vera", "vblora", "unilora", "tinylora",
+                           "trainable_tokens"])
     lora_alpha: float | None = option(None, "peft methods: their alpha (default: --rank)", ADAPTER)
     peft_kwargs: str | None = option(None, "peft methods: more fields of their config, as JSON (e.g. VB-LoRA's "
                                      "'{\"num_vectors\": 27, \"vector_length\": 32}')", ADAPTER)
@@ -92,8 +94,9 @@ class TrainingConfig:
                                       "('unet+conv' becomes 'unet+conv+text'), and the text encoder runs every step",
                                       ADAPTER)
     train_text_encoder_ti: bool = option(False, "pivotal tuning: also train the input embedding of "
-                                         "--token_abstraction (an offset per token id, saved in the adapter file); "
-                                         "the text encoder runs every step", ADAPTER)
+                                         "--token_abstraction (SuperLoRA: an offset per token id; peft LoRA: its "
+                                         "trainable_token_indices; saved in the adapter file); the text encoder runs "
+                                         "every step", ADAPTER)
     token_abstraction: str = option("sks", "with --train_text_encoder_ti: the identifier word of --instance_prompt "
                                     "whose embedding trains", ADAPTER)
     text_encoder_lr: float | None = option(None, "with --train_text_encoder_ti: the embedding's learning rate "
@@ -141,6 +144,11 @@ class TrainingConfig:
     report_to: str = option("tensorboard", "tensorboard, wandb, all, or none", OUTPUT)
     logging_dir: str = option("logs", "relative to output_dir", OUTPUT)
 
+    @property
+    def trains_embedding(self) -> bool:
+        """Whether the identifier's input embedding trains (so the text encoder runs every step)."""
+        return self.train_text_encoder_ti or self.adapter == "trainable_tokens"
+
     def validate(self) -> "TrainingConfig":
         """Refuse contradictory or impossible settings before anything loads; returns self."""
         for name in ("instance_data_dir", "instance_prompt"):
@@ -161,12 +169,20 @@ class TrainingConfig:
                                 f"at validation), got {self.resolution}; use {fixed}.")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise TrainingError(f"--max_train_steps must be >= 1, got {self.max_train_steps}.")
-        if self.train_text_encoder_ti and self.token_abstraction not in self.instance_prompt.split():
+        if self.trains_embedding and self.token_abstraction not in self.instance_prompt.split():
             raise TrainingError(f"--token_abstraction {self.token_abstraction!r} is not a word of --instance_prompt "
                                 f"{self.instance_prompt!r}; name the identifier word the prompt uses.")
-        if self.adapter != "superlora" and (self.train_text_encoder_ti or self.param_budget is not None):
-            raise TrainingError(f"--adapter {self.adapter} trains a peft method; --train_text_encoder_ti and "
-                                "--param_budget are SuperLoRA's (drop them, or use --adapter superlora).")
+        if self.adapter != "superlora" and self.param_budget is not None:
+            raise TrainingError(f"--adapter {self.adapter} trains a peft method; --param_budget is SuperLoRA's (drop "
+                                "it, or use --adapter superlora).")
+        if self.adapter == "trainable_tokens" and (self.train_text_encoder or self.train_text_encoder_ti):
+            raise TrainingError("--adapter trainable_tokens trains the embedding of --token_abstraction alone; drop "
+                                "--train_text_encoder/--train_text_encoder_ti (or use --adapter lora "
+                                "--train_text_encoder_ti for pivotal tuning).")
+        if self.train_text_encoder_ti and self.adapter not in ("superlora", "lora"):
+            raise TrainingError(f"--train_text_encoder_ti beside --adapter {self.adapter}: peft trains token rows "
+                                "beside LoRA only (LoraConfig's trainable_token_indices); use --adapter lora or "
+                                "superlora, or drop the flag.")
         linear_only = self.adapter in ("vera", "vblora", "unilora", "tinylora")
         if linear_only and "conv" in (self.target_modules or ""):
             raise TrainingError(f"--adapter {self.adapter} adapts nn.Linear layers only; drop the convs from "

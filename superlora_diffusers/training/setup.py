@@ -150,7 +150,7 @@ def encode_fixed_prompts(run: Run) -> None:
     """Text states that never change, encoded once by the base text encoder: every prompt when it stays
     frozen, and the class prompts when the base model's prediction is the prior target."""
     cfg = run.cfg
-    run.encode_every_step = cfg.train_text_encoder or cfg.train_text_encoder_ti
+    run.encode_every_step = cfg.train_text_encoder or cfg.trains_embedding
     fixed = set() if run.encode_every_step else set(run.instance.prompts)
     if run.classes is not None and (not run.encode_every_step or cfg.prior_loss_target == "base_model"):
         fixed |= set(run.classes.prompts)
@@ -205,7 +205,8 @@ def make_optimizer(run: Run, max_steps: int):
     # Several processes: the UNet owns what trains (SuperLoRA's generator, which the text encoder only reads;
     # peft's UNet layers), so accelerate's DDP averages those gradients. A text encoder's own peft parameters
     # are averaged in step.update. One process calls the UNet itself: bit for bit the unwrapped run.
-    run.denoiser = run.accelerator.prepare(run.unet) if processes > 1 else run.unet
+    unet_trains = any(p.requires_grad for p in run.unet.parameters())  # not for the embedding alone
+    run.denoiser = run.accelerator.prepare(run.unet) if processes > 1 and unet_trains else run.unet
     in_unet = {id(p) for p in run.unet.parameters()}
     run.averaged_by_hand = [p for group in groups for p in group["params"] if id(p) not in in_unet]
     return run.accelerator.prepare(optimizer, lr_scheduler)
