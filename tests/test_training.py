@@ -92,14 +92,16 @@ def test_resume_from_latest_is_bit_identical(base_dir, tmp_path, ema):
         assert again.returncode == 2 and "holds no EMA weights" in again.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("adapter", ["superlora", "lora"])
+@pytest.mark.parametrize("adapter", ["superlora", "lora", "trainable_tokens"])
 def test_two_processes_on_cpu_train_one_valid_adapter(base_dir, tmp_path, adapter):
     """accelerate's DDP averages the UNet's trainable parameters (SuperLoRA's generator, which CLIP reads too);
-    a peft LoRA's text-encoder layers are averaged by hand: both must leave identical replicas."""
+    a peft LoRA's text-encoder layers, and the embedding rows alone (no DDP: nothing in the UNet trains), are
+    averaged by hand: all must leave identical replicas."""
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    extra = ["--target_modules", "unet+text", "--train_text_encoder"] if adapter == "superlora" else [
-        "--adapter", "lora", "--rank", "2", "--train_text_encoder"]
+    extra = {"superlora": ["--target_modules", "unet+text", "--train_text_encoder"],
+             "lora": ["--adapter", "lora", "--rank", "2", "--train_text_encoder"],
+             "trainable_tokens": ["--adapter", "trainable_tokens"]}[adapter]
     run = train(base_dir, tmp_path / "mp", "--max_train_steps", "3", "--train_batch_size", "1", "--report_to", "none",
                 "--checkpointing_steps", "2", *extra, launcher=launcher)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -109,6 +111,8 @@ def test_two_processes_on_cpu_train_one_valid_adapter(base_dir, tmp_path, adapte
     if adapter == "superlora":
         pipe.load_superlora_weights(tmp_path / "mp")
         assert pipe.get_superlora_info()["num_parameters"] > 0
+    elif adapter == "trainable_tokens":
+        assert (tmp_path / "mp" / "adapter_model.safetensors").is_file()
     else:
         pipe.load_lora_weights(tmp_path / "mp")
         assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
