@@ -1,10 +1,11 @@
 """Quality per parameter: DreamBooth on the embedded toy base model, peft tuners vs SuperLoRA presets.
 
-Every method shares exactly the same data, steps, batch and randomness; only the adapter differs. Peers of
-SuperLoRA: peft LoRA / LoKr; peft's shared-vector tuners VeRA, VB-LoRA, UniLoRA and TinyLoRA (sized near 1.5k, 5k,
-15k and 40k trainable params on attention + text; Linear layers only, so not with `--targets conv`; one shared
-state over the UNet and CLIP); textual inversion alone (`ti`: a zero-initialised delta on the "sks" input
-embedding, 128 params); pivotal tuning (`*_ti`: that embedding trained beside the adapter at `--ti_lr`).
+Every run is the shipped trainer, `train(TrainingConfig)` (the same code as `train_dreambooth_superlora.py` and
+`superlora train`), on the same data, steps, batch and seeds; only the adapter differs. Peers of SuperLoRA: peft
+LoRA / LoKr; peft's shared-vector tuners VeRA, VB-LoRA, UniLoRA and TinyLoRA (sized near 1.5k, 5k, 15k and 40k
+trainable params on attention + text; Linear layers only, so not with `--targets conv`; one shared state over the
+UNet and CLIP); textual inversion alone (`ti`: the "sks" input embedding through peft's TrainableTokens, 128
+params); pivotal tuning (`*_ti`: that embedding trained beside the adapter at `--ti_lr`).
 
     # the whole benchmark (one GPU machine, many runs at once on one GPU; results appended as JSON lines)
     python benchmarks/quality.py run --out out/quality.jsonl --device cuda --workers 14
@@ -14,49 +15,43 @@ embedding, 128 params); pivotal tuning (`*_ti`: that embedding trained beside th
     # a tiny end-to-end check on CPU
     python benchmarks/quality.py run --out /tmp/q.jsonl --device cpu --workers 1 --steps 5 --n_eval 2 \
         --eval_steps 2 --subjects striped_star --methods lora_r4,t3_g12_r5 --lr_grid 3e-3
-    # the same jobs through the shipped trainer, train(TrainingConfig) (issue 23; equal figures with equal draws:
-    # benchmarks/loop_agreement.py; the committed results are still the own loop's)
-    python benchmarks/quality.py run --out /tmp/q-trainer.jsonl --device cpu --workers 1 --targets conv \
-        --train_text_encoder --prior_weight 1 --steps 1500 --seeds 1 --lr_grid 3e-3 --methods lora_r1 --loop trainer
     # table (markdown) + plot (docs/quality.png) from the JSON lines
     python benchmarks/quality.py report benchmarks/results/quality.jsonl
 
 Protocol (one run = one method, one subject, one seed, one learning rate):
 - data: 5 instance images `world.render_subject(subject, 5, seed=0)` with "a photo of sks <class>";
-  24 prior images generated once per subject by the base model from "a photo of a <class>" (20 DPM-Solver++
-  steps, guidance 5, fixed seeds); VAE posteriors (mean, std) and the frozen CLIP embeddings are computed once.
-- training: 400 steps, batch 4 instance latents (+ 4 prior latents when --prior_weight > 0), epsilon MSE, AdamW
-  (weight decay 1e-2), constant learning rate, gradient clipping 1.0, fp32 (+TF32 on CUDA). All randomness
-  (which images, latent sampling, noise, timesteps) comes from one CPU generator seeded by the run's seed, and
-  the adapter's initialisation from `torch.manual_seed(seed)`. Text encoder frozen, except the SuperLoRA
-  "unet+text" variant, where the shared SuperLoRA also adapts CLIP's attention and CLIP runs every step, and
-  with `--train_text_encoder`, where every method (peft LoRA/LoKr on q/k/v/out_proj too) does so, and with
-  textual inversion (its embedding delta needs CLIP every step).
-- prior preservation: the default weight is 0. On this toy base model "a photo of sks star" and
-  "a photo of a star" give CLIP states that differ by ~6% of their norm (vs ~35% between two shapes), and with
-  the prior loss at weight 1 (or 0.25) no adapter moved the judge's subject fidelity off the base model's level
-  within 1,000 steps (CPU diagnostics, LoRA r8 at lr 3e-3), while without it the subject's stripes appear.
-  Prior drift is therefore measured, not trained against: it shows how much each adapter leaks into the class.
+  24 prior images generated per subject by the base model from "a photo of a <class>" (20 DPM-Solver++
+  steps, guidance 5, fixed seeds), written as the folders the trainer reads.
+- training: `train(config)` with `--max_train_steps --steps`, batch 4 instance images (+ 4 class images with
+  prior preservation, `--prior_weight` > 0), epsilon MSE, AdamW (weight decay 1e-2; none on peft's token rows),
+  constant learning rate, gradient clipping 1.0, fp32, seed = the run's seed (its batches, noise and timesteps
+  come from the trainer's seeded generators, and the adapter's initialisation from `torch.manual_seed(seed)`).
+  `--targets conv` adds the ResNet convs (`unet+conv`); `--train_text_encoder` adapts CLIP's attention with every
+  method; textual inversion and pivotal tuning run CLIP every step.
+- prior preservation: the default weight is 0; the README recipe's runs use 1 (docs/benchmarks.md says why).
 - learning rate: every method tries `--lr_grid` (default `LR_GRID`) on the first subject with a separate
   search seed (100); the value with the highest subject fidelity is then used for all subjects x seeds 0, 1, 2.
-- evaluation (adapter active, DPM-Solver++ over the same modules, guidance 5, fixed generator seeds that
-  are the same for every run): n images each of "a photo of sks <class>" (judge subject accuracy and subject
-  fidelity), "a photo of sks <class> on a <bg> background" cycling over the world's 4 backgrounds (background
-  accuracy) and "a photo of a <class>" (shape accuracy; its drift is measured against the base model's
-  score on the same prompts and seeds).
+- evaluation: the saved adapter loaded by its own loader (`load_superlora_weights`, `load_lora_weights`, or
+  `PeftModel.from_pretrained`) into fresh copies of the base model; DPM-Solver++, guidance 5, fixed generator
+  seeds that are the same for every run: n images each of "a photo of sks <class>" (judge subject accuracy and
+  subject fidelity), "a photo of sks <class> on a <bg> background" cycling over the world's 4 backgrounds
+  (background accuracy) and "a photo of a <class>" (shape accuracy; its drift is measured against the base
+  model's score on the same prompts and seeds).
+- rows carry "loop": "trainer". Rows without it (every result committed before 2026-12-03 evening) came from this
+  file's former own loop, which drew its batches differently; with equal draws the two computed the same figures
+  (docs/benchmarks.md, "Which loop made these numbers").
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,11 +59,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # --train_text_encoder: CLIP attention, every method
-# --targets conv: the same layers as SuperLoRA's "unet+conv" preset (attention + ResNet conv1/conv2), for peft too
-PEFT_CONV_TARGETS = r".*(\.to_q|\.to_k|\.to_v|\.to_out\.0|resnets\.\d+\.conv1|resnets\.\d+\.conv2)"
 SUBJECTS = ["striped_star", "checker_square", "polka_circle", "rainbow_heart"]
 SEEDS = [0, 1, 2]
 SEARCH_SEED = 100
@@ -198,8 +188,6 @@ def init_worker(device: str, work_dir: str, threads: int) -> None:
         m.requires_grad_(False)
         m.eval()
     W["noise"] = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    data_file = Path(work_dir) / "data.pt"
-    W["data"] = torch.load(data_file) if data_file.exists() else None
 
 
 def make_pipeline(unet, te):
@@ -212,23 +200,6 @@ def make_pipeline(unet, te):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def encode(te, prompts: list[str]) -> torch.Tensor:
-    tok = W["tokenizer"]
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(W["device"])
-    return te(ids)[0]
-
-
-@torch.no_grad()
-def latent_stats(images) -> torch.Tensor:
-    """(n, 2[mean/std], C, h, w) VAE posteriors of PIL images."""
-    from superlora_diffusers.toy import world
-
-    x = world.to_tensor(__import__("numpy").stack([__import__("numpy").asarray(im.convert("RGB")) for im in images]))
-    dist = W["vae"].encode(x.to(W["device"])).latent_dist
-    return torch.stack([dist.mean, dist.std], 1).float()
 
 
 def eval_prompts(subject: str, n: int) -> tuple[list[str], list[str], dict]:
@@ -265,233 +236,17 @@ def evaluate(unet, te, subject: str, n: int, steps: int, chunk: int = 96) -> dic
     return judge_scores(subj, rectx, bgs, prior, subject, value_range=(0, 1))
 
 
-Built = tuple[list[torch.nn.Parameter], Callable[[], int], bool]  # trainable params, file bytes, text encoder trains
-
-
-def add_adapter(method: str, unet, te, seed: int, targets: str = "attention", text: bool = False):
-    """Inject the method's adapter on the attention projections (or, `targets="conv"`, also the ResNet convs;
-    `text`: also CLIP's attention, for every method); returns (trainable params, textual-inversion params,
-    file-bytes function, whether the text encoder trains). The TI params (pivotal tuning: a spec's "ti") get their
-    own learning rate; for the method `ti` the embedding is the method's own parameter, at the searched rate."""
-    spec = METHODS[method]
-    if msg := unsupported(method, targets):
-        raise ValueError(msg)
-    torch.manual_seed(seed)
-    if spec["kind"] == "ti":
-        delta, file_bytes = add_token_delta(te)
-        return [delta], [], file_bytes, True
-    builders = {"lora": _add_peft_lora, "lokr": _add_peft_lora, "superlora": _add_superlora}
-    build = builders.get(spec["kind"], _add_peft_shared)
-    params, file_bytes, train_text = build(spec, unet, te, targets, text)
-    if not spec.get("ti"):
-        return params, [], file_bytes, train_text
-    if spec["kind"] == "superlora":  # the shipped pivotal tuning: the offsets are the module's `tokens.delta`
-        from superlora_diffusers.components import find_generators
-
-        delta = find_generators({"unet": unet})["default"].tokens.delta
-        return [p for p in params if p is not delta], [delta], file_bytes, True
-    delta, ti_bytes = add_token_delta(te)  # after the adapter and zero: the adapter's random draws are unchanged
-    return params, [delta], lambda: file_bytes() + ti_bytes(), True
-
-
-def unsupported(method: str, targets: str) -> str | None:
-    """Why `method` cannot run on `targets` (peft's shared-vector tuners adapt Linear layers only), else None."""
-    if targets == "conv" and METHODS.get(method, {}).get("kind") in PEFT_SHARED:
-        return f"{method} supports Linear layers only; run it with --targets attention"
-    return None
-
-
-def _add_peft_lora(spec: dict, unet, te, targets: str, text: bool) -> Built:
-    """peft LoRA / LoKr: one `inject_adapter_in_model` per model (no state shared between layers)."""
-    import safetensors.torch
-    from peft import LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
-    r = spec["r"]
-    peft_targets = PEFT_CONV_TARGETS if targets == "conv" else UNET_TARGETS
-    if spec["kind"] == "lora":
-        cfg = LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=peft_targets)
-    else:
-        cfg = LoKrConfig(r=r, alpha=r, target_modules=peft_targets)
-    inject_adapter_in_model(cfg, unet)
-    models = {"unet": unet}
-    if text:
-        inject_adapter_in_model(dataclasses.replace(cfg, target_modules=CLIP_TARGETS), te)
-        models["text_encoder"] = te
-    params = [p for m in models.values() for n, p in m.named_parameters() if ("lora_" in n or "lokr_" in n)]
-    for p in params:
-        p.requires_grad_(True)
-
-    def file_bytes() -> int:
-        sd = {f"{name}.{k}": v.detach().float().cpu().contiguous()
-              for name, m in models.items() for k, v in get_peft_model_state_dict(m).items()}
-        return len(safetensors.torch.save(sd))
-    return params, file_bytes, text
-
-
-def _add_peft_shared(spec: dict, unet, te, targets: str, text: bool) -> Built:
-    """VeRA / VB-LoRA / UniLoRA / TinyLoRA keep their shared vector, bank or projections on the tuner, which
-    `inject_adapter_in_model` refuses: `get_peft_model` on one container of the UNet (and the text encoder) adapts
-    both in place around ONE shared state, as SuperLoRA's "+text" shares one module. `parameters()` yields a tensor
-    that many layers reference once."""
-    import peft
-    import safetensors.torch
-
-    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": te} if text else {"unet": unet})
-    config_cls = getattr(peft, PEFT_SHARED[spec["kind"]][0])
-    config = config_cls(target_modules=UNET_TARGETS + (CLIP_TARGETS if text else []), **spec["config"])
-    peft_model = peft.get_peft_model(models, config)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-
-    def file_bytes() -> int:  # peft's defaults: VeRA/TinyLoRA save their projections, UniLoRA not its indices
-        sd = peft.get_peft_model_state_dict(peft_model)
-        return len(safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}))
-    return params, file_bytes, text
-
-
-def add_token_delta(te) -> tuple[torch.nn.Parameter, Callable[[], int]]:
-    """Textual inversion of TI_TOKEN as a trainable delta on its input embedding, added by a forward hook where the
-    ids are that token: the embedding table stays frozen, and the zero start draws no random number and leaves the
-    base model's outputs unchanged."""
-    import safetensors.torch
-
-    ids = W["tokenizer"](TI_TOKEN, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise ValueError(f"{TI_TOKEN!r} is {len(ids)} tokens; textual inversion here needs one")
-    emb = te.get_input_embeddings()
-    delta = torch.nn.Parameter(torch.zeros(emb.embedding_dim, device=emb.weight.device))
-    emb.register_forward_hook(lambda module, args, out: out + (args[0] == ids[0]).unsqueeze(-1) * delta)
-
-    def file_bytes() -> int:
-        return len(safetensors.torch.save({TI_TOKEN: delta.detach().cpu().contiguous()}))
-    return delta, file_bytes
-
-
-def _add_superlora(spec: dict, unet, te, targets: str, text: bool) -> Built:
-    """One SuperLoRA module over every target of the UNet (and, "+text", CLIP's attention)."""
-    from superlora_diffusers import SuperLoRAConfig
-    from superlora_diffusers import inject_superlora
-    from superlora_diffusers.serialization import serialize
-
-    kwargs = dict(spec["config"])
-    if targets == "conv" and kwargs.get("target_modules", "unet") == "unet":
-        kwargs["target_modules"] = "unet+conv"
-    if text and "text" not in kwargs.get("target_modules", "unet"):
-        kwargs["target_modules"] = kwargs.get("target_modules", "unet") + "+text"
-    if spec.get("ti"):  # pivotal tuning as the trainer's --train_text_encoder_ti does it
-        kwargs.update(token=TI_TOKEN, token_ids=W["tokenizer"](TI_TOKEN, add_special_tokens=False).input_ids,
-                      token_dim=te.get_input_embeddings().embedding_dim)
-    config = SuperLoRAConfig(**kwargs)  # built once, validated with its final targets
-    components = {"unet": unet, "text_encoder": te}
-    module = inject_superlora(components, config)
-    params = [p for p in module.parameters() if p.requires_grad]
-
-    def file_bytes() -> int:
-        return len(serialize(module, module.targets))
-    return params, file_bytes, "text" in config.target_modules
-
-
-def run_job(job: dict) -> dict:
-    if job.get("loop") == "trainer" and job["method"] != "base":
-        return run_job_with_trainer(job)
-    t0 = time.time()
-    dev = W["device"]
-    method, subject, seed, lr = job["method"], job["subject"], job["seed"], job["lr"]
-    unet = copy.deepcopy(W["unet"])
-    te = copy.deepcopy(W["te"])
-    out = dict(job)
-    if method == "base":
-        out.update(evaluate(unet, te, subject, job["n_eval"], job["eval_steps"]))
-        out.update(params=0, file_bytes=0, seconds=round(time.time() - t0, 2))
-        return out
-    from superlora_diffusers.toy import world
-
-    data = W["data"][subject]
-    inst, prior = data["inst"].to(dev), data["prior"].to(dev)
-    shape = world.SUBJECTS[subject].shape
-    params, ti_params, file_bytes, train_text = add_adapter(method, unet, te, seed, job.get("targets", "attention"),
-                                                            job.get("text", False))
-    steps = job["steps"]
-    scaling = W["vae"].config.scaling_factor
-    sched = W["noise"]
-    # every random number of the run, drawn up front from one CPU generator (identical for every method)
-    g = torch.Generator("cpu").manual_seed(seed)
-    ii = torch.randint(0, inst.shape[0], (steps, BATCH), generator=g)
-    pi = torch.randint(0, prior.shape[0], (steps, BATCH), generator=g)
-    eps_lat = torch.randn((steps, 2 * BATCH) + tuple(inst.shape[2:]), generator=g)
-    noise = torch.randn((steps, 2 * BATCH) + tuple(inst.shape[2:]), generator=g)
-    tsteps = torch.randint(0, sched.config.num_train_timesteps, (steps, 2 * BATCH), generator=g)
-    ii, pi, eps_lat, noise, tsteps = (x.to(dev) for x in (ii, pi, eps_lat, noise, tsteps))
-    alphas = sched.alphas_cumprod.to(dev)
-    prompts = [f"a photo of sks {shape}"] * BATCH + [f"a photo of a {shape}"] * BATCH
-    pw = job["prior_weight"]
-    rows = 2 * BATCH if pw > 0 else BATCH  # without prior preservation only the instance half is used
-    prompts = prompts[:rows]
-    with torch.no_grad():
-        fixed = encode(te, prompts)
-    groups = [{"params": params, "lr": lr}] + ([{"params": ti_params, "lr": job["ti_lr"]}] if ti_params else [])
-    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
-    trainable = params + ti_params  # clipped together, counted together
-    unet.train()
-    if train_text:
-        te.train()
-    losses = []
-    for step in range(steps):
-        stats = torch.cat([inst[ii[step]], prior[pi[step]]])[:rows]
-        lat = (stats[:, 0] + stats[:, 1] * eps_lat[step, :rows]) * scaling
-        t = tsteps[step, :rows]
-        a = alphas[t].view(-1, 1, 1, 1)
-        eps = noise[step, :rows]
-        noisy = a.sqrt() * lat + (1 - a).sqrt() * eps
-        hidden = encode(te, prompts) if train_text else fixed
-        pred = unet(noisy, t, hidden).sample
-        per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
-        loss = per[:BATCH].mean() + (pw * per[BATCH:].mean() if pw > 0 else 0.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 25 == 0 or step == steps - 1:
-            losses.append(loss.detach())
-        if job.get("eval_every") and (step + 1) % job["eval_every"] == 0 and step + 1 < steps:
-            unet.eval()
-            te.eval()
-            ev = evaluate(unet, te, subject, job["n_eval"], job["eval_steps"])
-            out.setdefault("curve", []).append(dict(step=step + 1, **{k: round(v, 4) for k, v in ev.items()}))
-            print(job["method"], job["lr"], out["curve"][-1], flush=True)
-            unet.train()
-            if train_text:
-                te.train()
-    losses = [round(float(x), 5) for x in losses]
-    train_s = time.time() - t0
-    unet.eval()
-    te.eval()
-    finite = all(math.isfinite(x) for x in losses)
-    if finite:
-        out.update(evaluate(unet, te, subject, job["n_eval"], job["eval_steps"]))
-    out.update(params=sum(p.numel() for p in trainable), file_bytes=file_bytes(), final_loss=losses[-1],
-               loss_curve=losses, finite=finite, train_seconds=round(train_s, 2),
-               seconds=round(time.time() - t0, 2), family=METHODS[method]["family"])
-    if job.get("save_deltas"):  # the trained ΔW, dense, for benchmarks/expressivity.py
-        import safetensors.torch
-
-        path = Path(job["save_deltas"]) / f"{method}-{subject}-s{seed}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(trained_deltas(unet, te), str(path))
-        out["deltas_file"] = str(path)
-    return out
-
-
 def training_config(job: dict, work_dir: Path):
-    """The shipped trainer's `TrainingConfig` for a benchmark job: the same images, prompts, steps, batch, rate,
-    prior weight and layers as `run_job`; its own per-step random draws (so a run matches the old loop's
-    figures within seed noise, not draw for draw)."""
+    """The shipped trainer's `TrainingConfig` for a benchmark job: the job's images, prompts, steps, batch, rate,
+    prior weight and layers; SuperLoRA, a peft method, or the "sks" embedding (alone: peft's TrainableTokens;
+    pivotal tuning: beside the adapter at `ti_lr`)."""
     from superlora_diffusers.toy import world
     from superlora_diffusers.training import TrainingConfig
 
     spec, shape = METHODS[job["method"]], world.SUBJECTS[job["subject"]].shape
     images = work_dir / "images" / job["subject"]
     cfg = dict(pretrained_model_name_or_path="toy", instance_data_dir=str(images / "instance"),
-               instance_prompt=f"a photo of sks {shape}", max_train_steps=job["steps"], learning_rate=job["lr"],
+               instance_prompt=f"a photo of {TI_TOKEN} {shape}", max_train_steps=job["steps"], learning_rate=job["lr"],
                train_batch_size=BATCH, seed=job["seed"], train_text_encoder=job.get("text", False),
                target_modules="unet+conv" if job.get("targets") == "conv" else "unet", checkpointing_steps=job["steps"],
                num_validation_images=1, num_inference_steps=2, report_to="none", adam_weight_decay=1e-2,
@@ -510,63 +265,70 @@ def training_config(job: dict, work_dir: Path):
         cfg.update(adapter=spec["kind"], rank=spec["r"])
     elif spec["kind"] in PEFT_SHARED:
         cfg.update(adapter=spec["kind"], peft_kwargs=json.dumps(spec["config"]))
-    else:
-        raise ValueError(f"{job['method']}: the shipped trainer has no {spec['kind']!r} adapter")
+    else:  # textual inversion alone: ignores --targets and --train_text_encoder
+        cfg.update(adapter="trainable_tokens", train_text_encoder=False, target_modules=None)
     if spec.get("ti"):
-        if spec["kind"] != "superlora":
-            raise ValueError(f"{job['method']}: the shipped trainer trains the embedding beside a SuperLoRA only")
-        cfg.update(train_text_encoder_ti=True, text_encoder_lr=job["ti_lr"])
+        cfg.update(train_text_encoder_ti=True, token_abstraction=TI_TOKEN, text_encoder_lr=job["ti_lr"])
     return TrainingConfig(**cfg)
 
 
-def run_job_with_trainer(job: dict) -> dict:
-    """One job through the shipped trainer (`train(config)`), then the same judge on the saved adapter."""
+def build(config, unet, te):
+    """The adapter `config` trains, built by the trainer's own `build_adapter` on the given models."""
+    from superlora_diffusers.training.adapters import build_adapter
+
+    return build_adapter(config, W["tokenizer"], unet, te, log=False)
+
+
+def run_job(job: dict) -> dict:
+    """One run: the shipped trainer, `train(config)`, then the judge on the adapter it saved, loaded by its loader."""
     from superlora_diffusers.training import train
 
     t0 = time.time()
-    work_dir = Path(W["work_dir"])
-    config = training_config(job, work_dir)
-    weights = train(config)
     unet, te = copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])
-    pipe = make_pipeline(unet, te)
-    if config.adapter == "superlora":
-        pipe.load_superlora_weights(str(weights.parent))
-    elif config.adapter == "lora":
-        pipe.load_lora_weights(str(weights.parent))
-    else:
-        from peft import PeftModel
-
-        models = {"unet": unet} | ({"text_encoder": te} if config.train_text_encoder else {})
-        PeftModel.from_pretrained(torch.nn.ModuleDict(models), str(weights.parent))
-    train_s = time.time() - t0
     out = dict(job)
+    if job["method"] != "base":
+        config = training_config(job, Path(W["work_dir"]))
+        weights = train(config)
+        adapter = build(config, copy.deepcopy(W["unet"]), copy.deepcopy(W["te"]))  # its exact trainable count
+        adapter.load_into(make_pipeline(unet, te), weights)
+        out.update(params=adapter.n_params, file_bytes=weights.stat().st_size, train_seconds=round(time.time() - t0, 2),
+                   family=METHODS[job["method"]]["family"])
+    unet.eval()
+    te.eval()
     out.update(evaluate(unet, te, job["subject"], job["n_eval"], job["eval_steps"]))
-    # the trainable-parameter count of the same adapter built by `add_adapter` (whose counts are tested)
-    params, ti_params, _, _ = add_adapter(job["method"], copy.deepcopy(W["unet"]), copy.deepcopy(W["te"]), job["seed"],
-                                          job.get("targets", "attention"), job.get("text", False))
-    out.update(params=sum(p.numel() for p in params + ti_params), file_bytes=weights.stat().st_size,
-               train_seconds=round(train_s, 2), seconds=round(time.time() - t0, 2), loop="trainer",
-               family=METHODS[job["method"]]["family"])
+    if job["method"] == "base":
+        out.update(params=0, file_bytes=0)
+    elif job.get("save_deltas"):  # the trained ΔW, dense, for benchmarks/expressivity.py
+        import safetensors.torch
+
+        path = Path(job["save_deltas"]) / f"{job['method']}-{job['subject']}-s{job['seed']}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(trained_deltas(unet, te), str(path))
+        out["deltas_file"] = str(path)
+    if job["method"] != "base":
+        shutil.rmtree(config.output_dir)  # TinyLoRA's folder alone can be a gigabyte
+    out.update(seconds=round(time.time() - t0, 2))
     return out
 
 
 @torch.no_grad()
 def trained_deltas(unet, te) -> dict[str, torch.Tensor]:
     """Every adapted weight's ΔW as a (d_out, d_in·k·k) matrix, named as SuperLoRA names its targets
-    ("unet.<path>", "text_encoder.<path>"): peft LoRA / LoKr layers, or the one injected SuperLoRA."""
+    ("unet.<path>", "text_encoder.<path>"): the one loaded SuperLoRA, or the active peft LoRA / LoKr layers."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from superlora_diffusers.components import find_generators
 
     components = {"unet": unet, "text_encoder": te}
-    generator = find_generators(components).get("default")
-    if generator is not None:
+    generators = list(find_generators(components).values())
+    if generators:
+        (generator,) = generators
         return {n: d.detach().float().cpu().contiguous() for n, d in zip(generator.targets, generator())}
     out = {}
     for component, module in components.items():
         for path, layer in module.named_modules():
             if isinstance(layer, BaseTunerLayer) and hasattr(layer, "get_delta_weight"):
-                delta = layer.get_delta_weight("default")
+                delta = layer.get_delta_weight(layer.active_adapters[0])
                 out[f"{component}.{path}"] = delta.reshape(delta.shape[0], -1).float().cpu().contiguous()
     return out
 
@@ -576,24 +338,22 @@ def trained_deltas(unet, te) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def prepare_data(args) -> None:
+    """Each subject's instance images and the base model's prior images, as the folders the trainer reads."""
     from superlora_diffusers.toy import world
 
     init_worker(args.device, args.work_dir, args.threads)
     pipe = make_pipeline(W["unet"], W["te"])
-    data = {}
     for si, subject in enumerate(args.subjects):
+        folders = {kind: Path(args.work_dir) / "images" / subject / kind for kind in ("instance", "class")}
         shape = world.SUBJECTS[subject].shape
         inst = world.render_subject(subject, 5, seed=INSTANCE_SEED)
         gens = [torch.Generator("cpu").manual_seed(50_000 + 100 * si + i) for i in range(N_PRIOR)]
         prior = pipe([f"a photo of a {shape}"] * N_PRIOR, num_inference_steps=20, guidance_scale=5.0,
                      generator=gens).images
-        data[subject] = {"inst": latent_stats(inst).cpu(), "prior": latent_stats(prior).cpu()}
-        for kind, images in (("instance", inst), ("class", prior)):  # the same images as folders, for --loop trainer
-            folder = Path(args.work_dir) / "images" / subject / kind
-            folder.mkdir(parents=True, exist_ok=True)
+        for kind, images in (("instance", inst), ("class", prior)):
+            folders[kind].mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
-                image.save(folder / f"{i:03d}.png")
-    torch.save(data, Path(args.work_dir) / "data.pt")
+                image.save(folders[kind] / f"{i:03d}.png")
 
 
 def hard_exit(executor, code: int) -> None:
@@ -607,7 +367,20 @@ def job_key(j: dict) -> tuple:
     key = (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"], j.get("targets", "attention"),
            j.get("text", False), j["steps"], j["prior_weight"])
     key += (float(j["ti_lr"]),) if "ti_lr" in j else ()  # pivotal tuning's embedding rate
-    return key + ((j["loop"],) if "loop" in j else ())  # rows of the shipped trainer (--loop trainer)
+    return key + ((j["loop"],) if "loop" in j else ())  # "trainer": rows before it (the old own loop) never match
+
+
+def refusal(method: str, args) -> str | None:
+    """Why the trainer refuses `method` with these options (e.g. a Linear-only peft tuner on the convs), else None."""
+    from superlora_diffusers.training import TrainingError
+
+    job = dict(method=method, subject=args.subjects[0], seed=0, lr=args.lr_grid[0], steps=args.steps,
+               prior_weight=args.prior_weight, targets=args.targets, text=args.train_text_encoder, ti_lr=args.ti_lr)
+    try:
+        training_config(job, Path(args.work_dir)).validate()
+    except TrainingError as e:
+        return str(e)
+    return None
 
 
 def run(args) -> None:
@@ -624,12 +397,12 @@ def run(args) -> None:
     t_start = time.time()
     args.subjects = args.subjects.split(",")
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
-    skipped = [m for m in methods if unsupported(m, args.targets)]
-    if skipped and args.methods != "all":  # named: an error before any work; "all": the others run
-        raise SystemExit("\n".join(unsupported(m, args.targets) for m in skipped))
-    if skipped:
-        print(f"skipped on --targets {args.targets} (Linear layers only): {', '.join(skipped)}", flush=True)
-    methods = [m for m in methods if m not in skipped]
+    refused = {m: why for m in methods if (why := refusal(m, args))}
+    if refused and args.methods != "all":  # named: an error before any work; "all": the others run
+        raise SystemExit("\n".join(f"{m}: {why}" for m, why in refused.items()))
+    for m, why in refused.items():
+        print(f"skipped {m}: {why}", flush=True)
+    methods = [m for m in methods if m not in refused]
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     previous = [r for r in (load(args.out) if Path(args.out).exists() else []) if "error" not in r]
@@ -638,11 +411,9 @@ def run(args) -> None:
     print(f"[{time.time() - t_start:6.1f}s] data ready for {args.subjects}; {len(have)} earlier runs reused",
           flush=True)
     common = dict(steps=args.steps, n_eval=args.n_eval, eval_steps=args.eval_steps, prior_weight=args.prior_weight,
-                  targets=args.targets, text=args.train_text_encoder)
+                  targets=args.targets, text=args.train_text_encoder, loop="trainer")
     if args.save_deltas:
         common["save_deltas"] = args.save_deltas
-    if args.loop == "trainer":
-        common["loop"] = "trainer"
     seeds = SEEDS[:args.seeds]
     prio = {m: i for i, m in enumerate(methods)}
     tried: dict[str, list[float]] = {m: list(args.lr_grid) for m in methods}
@@ -972,9 +743,6 @@ def main(argv: list[str] | None = None) -> None:
                    help="also save each trained adapter's dense ΔW here (<method>-<subject>-s<seed>.safetensors), "
                         "for benchmarks/expressivity.py")
     r.add_argument("--lr_extend", type=int, default=2, help="extend the grid at most this many times per method")
-    r.add_argument("--loop", choices=["own", "trainer"], default="own",
-                   help="own: this file's training loop (every committed result); trainer: the shipped trainer, "
-                        "train(TrainingConfig) on the same images, prompts, steps and rates (issue 23)")
     r.add_argument("--max_minutes", type=float, default=1e9, help="stop queueing new runs after this")
     r.add_argument("--grace_s", type=float, default=60, help="then wait this long for the runs in flight")
     p = sub.add_parser("report")

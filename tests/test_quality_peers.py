@@ -1,5 +1,6 @@
 """The quality benchmark's peers of SuperLoRA: peft's shared-vector tuners (VeRA, VB-LoRA, UniLoRA, TinyLoRA),
-textual inversion alone and pivotal tuning (an adapter + the "sks" embedding), on the embedded toy base model.
+textual inversion alone and pivotal tuning (an adapter + the "sks" embedding), on the embedded toy base model,
+each built by the shipped trainer (`quality.training_config` -> `build_adapter`), as `quality.py run` trains them.
 
 Trainable counts are checked against each tuner's definition, evaluated here on the toy's layer shapes rather than
 read from peft, so a changed config or a shared vector counted twice shows up.
@@ -12,16 +13,21 @@ import importlib.util
 import json
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
+
+from superlora_diffusers.training import TrainingError
+from superlora_diffusers.training.data import encode_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("quality_peers", ROOT / "benchmarks" / "quality.py")
 Q = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(Q)  # METHODS for parametrize; the models load in the fixture
 SHARED_METHODS = [m for m, s in Q.METHODS.items() if s["kind"] in Q.PEFT_SHARED]
+UNET_ATTENTION, CLIP_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0"), ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +39,9 @@ def quality(tmp_path_factory):
 def target_shapes(quality) -> list[tuple[int, int]]:
     """(d_in, d_out) of every Linear the attention + text targets name, found by suffix on the unadapted models."""
     shapes = []
-    for model, suffixes in ((quality.W["unet"], quality.UNET_TARGETS), (quality.W["te"], quality.CLIP_TARGETS)):
+    for model, suffixes in ((quality.W["unet"], UNET_ATTENTION), (quality.W["te"], CLIP_ATTENTION)):
         shapes += [(m.in_features, m.out_features) for name, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and any(name.endswith(s) for s in suffixes)]
+                   if isinstance(m, torch.nn.Linear) and name.endswith(suffixes)]
     return shapes
 
 
@@ -58,8 +64,20 @@ def budget(method: str) -> float:
     return 1000 * float(whole) + 100 * float(tenths or 0)
 
 
-def fresh(quality):
-    return copy.deepcopy(quality.W["unet"]), copy.deepcopy(quality.W["te"])
+def job(method: str, targets: str = "attention", text: bool = True, **extra) -> dict:
+    return dict(method=method, subject="striped_star", seed=0, lr=1e-2, steps=3, prior_weight=1.0, targets=targets,
+                text=text, ti_lr=5e-3, **extra)
+
+
+def built(quality, tmp_path, method: str, **kw):
+    """(adapter, unet, te): the method's adapter as the trainer builds it, on fresh copies, seeded as train() seeds."""
+    unet, te = copy.deepcopy(quality.W["unet"]), copy.deepcopy(quality.W["te"])
+    torch.manual_seed(0)
+    return quality.build(quality.training_config(job(method, **kw), tmp_path), unet, te), unet, te
+
+
+def trainable(adapter) -> list[torch.Tensor]:
+    return [p for group in adapter.param_groups(1e-2, 5e-3) for p in group["params"]]
 
 
 def loss_of(quality, unet, te, prompt: str = "a photo of sks star") -> torch.Tensor:
@@ -67,7 +85,7 @@ def loss_of(quality, unet, te, prompt: str = "a photo of sks star") -> torch.Ten
     g = torch.Generator().manual_seed(0)
     cfg = unet.config
     x = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    pred = unet(x, torch.tensor([500]), quality.encode(te, [prompt])).sample
+    pred = unet(x, torch.tensor([500]), encode_prompts(quality.W["tokenizer"], te, [prompt])).sample
     return (pred - torch.randn(pred.shape, generator=g)).pow(2).mean()
 
 
@@ -79,18 +97,17 @@ def step(quality, unet, te, params: list[torch.Tensor], lr: float = 1e-2) -> Non
 
 
 @pytest.mark.parametrize("method", SHARED_METHODS)
-def test_shared_tuner_counts_and_trains(quality, method):
+def test_shared_tuner_counts_and_trains(quality, method, tmp_path):
     spec = quality.METHODS[method]
     shapes = target_shapes(quality)
     assert len(shapes) == 92
-    unet, te = fresh(quality)
-    params, ti, file_bytes, train_text = quality.add_adapter(method, unet, te, 0, "attention", True)
-    assert ti == [] and train_text
+    adapter, unet, te = built(quality, tmp_path, method)
+    params = trainable(adapter)
     assert len({id(p) for p in params}) == len(params) and all(p.requires_grad for p in params)
     n = sum(p.numel() for p in params)
-    assert n == expected_params(spec["kind"], spec["config"], shapes)
+    assert n == adapter.n_params == expected_params(spec["kind"], spec["config"], shapes)
     assert abs(n - budget(method)) <= 0.12 * budget(method)
-    assert file_bytes() > 4 * n  # safetensors of at least the trained tensors (fp32)
+    assert len(adapter.shapes) == 92 and adapter.components == ["unet", "text_encoder"]  # one state over both
     # one step, then every trainable tensor gets a gradient (VeRA's lambda_d only once lambda_b left zero)
     step(quality, unet, te, params)
     loss = loss_of(quality, unet, te)
@@ -100,48 +117,53 @@ def test_shared_tuner_counts_and_trains(quality, method):
 
 
 @pytest.mark.parametrize("method", ["vera_15k", "vblora_1k5", "unilora_40k", "tinylora_5k"])
-def test_shared_tuners_refuse_conv_targets(quality, method):
-    unet, te = fresh(quality)
-    with pytest.raises(ValueError, match=f"^{method} supports Linear layers only; run it with --targets attention$"):
-        quality.add_adapter(method, unet, te, 0, "conv", True)
+def test_shared_tuners_refuse_conv_targets(quality, method, tmp_path):
+    kind = quality.METHODS[method]["kind"]
+    with pytest.raises(TrainingError, match=f"^--adapter {kind} adapts nn.Linear layers only"):
+        quality.training_config(job(method, targets="conv"), tmp_path).validate()
 
 
 def test_run_refuses_named_linear_only_methods_on_conv(quality, tmp_path):
-    with pytest.raises(SystemExit, match="vera_15k supports Linear layers only"):
+    with pytest.raises(SystemExit, match="vera_15k: --adapter vera adapts nn.Linear layers only"):
         quality.main(["run", "--out", str(tmp_path / "q.jsonl"), "--work_dir", str(tmp_path), "--device", "cpu",
                       "--targets", "conv", "--methods", "ti,vera_15k"])
     assert not (tmp_path / "q.jsonl").exists()  # refused before any work
+    assert quality.refusal("ti", Namespace(subjects=["striped_star"], lr_grid=[1e-2], steps=3, prior_weight=1.0,
+                                           targets="conv", train_text_encoder=True, ti_lr=5e-3, work_dir=str(tmp_path))) is None
 
 
-def test_textual_inversion_changes_only_sks_prompts(quality):
-    unet, te = fresh(quality)
-    params, ti, file_bytes, train_text = quality.add_adapter("ti", unet, te, 0, "attention", False)
-    assert [p.numel() for p in params] == [128] and ti == [] and train_text  # CLIP must run every step
-    assert 512 < file_bytes() < 1024  # one fp32 tensor of 128 + the safetensors header
+def test_textual_inversion_changes_only_sks_prompts(quality, tmp_path):
+    """`ti`: peft's TrainableTokens on CLIP's input embedding, the word's row only (128 params), CLIP alone."""
+    adapter, unet, te = built(quality, tmp_path, "ti")
+    params = trainable(adapter)
+    assert [p.numel() for p in params] == [128] == [adapter.n_params] and adapter.components == ["text_encoder"]
+    assert not any(p.requires_grad for p in unet.parameters())
     prompts = ["a photo of sks star", "a photo of a star"]
+    tok = quality.W["tokenizer"]
     with torch.no_grad():
-        before = quality.encode(te, prompts)
-    assert torch.equal(before, quality.encode(quality.W["te"], prompts).detach())  # zero start: the base model
-    step(quality, unet, te, params)
+        before = encode_prompts(tok, te, prompts)
+        assert torch.equal(before, encode_prompts(tok, quality.W["te"], prompts))  # starts at the base model
+    step(quality, unet, te, params, lr=1e-1)
     with torch.no_grad():
-        after = quality.encode(te, prompts)
+        after = encode_prompts(tok, te, prompts)
     assert not torch.allclose(after[0], before[0])
     assert torch.equal(after[1], before[1])
-    assert torch.equal(te.get_input_embeddings().weight, quality.W["te"].get_input_embeddings().weight)
+    assert torch.equal(te.get_input_embeddings().get_base_layer().weight, quality.W["te"].get_input_embeddings().weight)
 
 
-def test_pivotal_tuning_adds_the_embedding_and_keeps_the_adapter(quality):
-    unet, te = fresh(quality)
-    lora, ti_none, _, lora_text = quality.add_adapter("lora_r1", unet, te, 0, "attention", False)
+def test_pivotal_tuning_adds_the_embedding_and_keeps_the_adapter(quality, tmp_path):
+    lora, _, _ = built(quality, tmp_path, "lora_r1", text=False)
     rng = torch.get_rng_state()
-    unet2, te2 = fresh(quality)
-    params, ti, file_bytes, train_text = quality.add_adapter("lora_r1_ti", unet2, te2, 0, "attention", False)
+    pivotal, _, te = built(quality, tmp_path, "lora_r1_ti", text=False)
     assert torch.equal(rng, torch.get_rng_state())  # the embedding draws nothing
-    assert sum(p.numel() for p in params) == 16_832 - 12 * 256  # LoRA r1 on the UNet's 80 layers (no --text)
-    assert [p.numel() for p in ti] == [128] and ti_none == []
-    assert train_text and not lora_text  # the embedding needs CLIP every step
-    assert len(lora) == len(params) and all(torch.equal(a, b) for a, b in zip(lora, params))  # the same draws
-    assert file_bytes() > 4 * (sum(p.numel() for p in params) + 128)
+    assert pivotal.n_params == 16_832 - 12 * 256 + 128  # LoRA r1 on the UNet's 80 layers (no --text) + the word
+    groups = pivotal.param_groups(3e-3, 5e-3)
+    assert [(g["lr"], g.get("weight_decay")) for g in groups] == [(3e-3, None), (5e-3, 0.0)]
+    assert [p.numel() for p in groups[1]["params"]] == [128]
+    assert len(trainable(lora)) == len(groups[0]["params"])
+    assert all(torch.equal(a, b) for a, b in zip(trainable(lora), groups[0]["params"]))  # the same draws
+    assert pivotal.components == ["unet", "text_encoder"] and pivotal.weight_name == "adapter_model.safetensors"
+    assert not any(p.requires_grad for n, p in te.named_parameters() if "lora_" in n)  # no CLIP LoRA without --text
 
 
 def test_job_key_has_ti_lr_only_for_pivotal_tuning(quality):
@@ -164,19 +186,20 @@ def test_tiny_run_writes_peer_rows(tmp_path):
     rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines()) if r["phase"] == "final"}
     assert {m: (r["params"], r["family"]) for m, r in rows.items()} == {
         "ti": (128, "textual inversion"), "vera_15k": (15_020, "peft VeRA"), "lora_r1_ti": (16_960, "peft LoRA + TI")}
-    assert all(r["file_bytes"] > 4 * r["params"] and "subject_fidelity" in r and r["finite"] for r in rows.values())
+    assert all(r["file_bytes"] > 4 * r["params"] and "subject_fidelity" in r for r in rows.values())
+    assert all(r["loop"] == "trainer" and "error" not in r for r in rows.values())
     assert rows["lora_r1_ti"]["ti_lr"] == 1e-2 and "ti_lr" not in rows["ti"] and "ti_lr" not in rows["vera_15k"]
+    assert not list((tmp_path / "runs").iterdir())  # each run's folder is removed once judged
 
 
 @pytest.mark.parametrize("method", ["lora_r1", "ax_r1"])
-def test_trained_deltas_are_every_adapted_weight_named_as_superlora_targets(quality, method):
+def test_trained_deltas_are_every_adapted_weight_named_as_superlora_targets(quality, method, tmp_path):
     """--save_deltas: the dense ΔW that expressivity.py fits, for peft LoRA and for a SuperLoRA alike."""
     from superlora_diffusers import find_targets
 
-    unet, te = copy.deepcopy(quality.W["unet"]), copy.deepcopy(quality.W["te"])
-    params, _, _, _ = quality.add_adapter(method, unet, te, 0, "conv", True)
+    adapter, unet, te = built(quality, tmp_path, method, targets="conv")
     with torch.no_grad():
-        for p in params:
+        for p in trainable(adapter):
             p.add_(0.01)
     deltas = quality.trained_deltas(unet, te)
     clean = {"unet": quality.W["unet"], "text_encoder": quality.W["te"]}
@@ -187,25 +210,23 @@ def test_trained_deltas_are_every_adapted_weight_named_as_superlora_targets(qual
     assert all(d.abs().sum() > 0 for d in deltas.values())
 
 
-def test_superlora_pivotal_tuning_runs_on_the_shipped_token_offsets(quality):
+def test_superlora_pivotal_tuning_runs_on_the_shipped_token_offsets(quality, tmp_path):
     """ax_r1_ti: the same factors as ax_r1 (same draws) plus the module's own `tokens.delta` as the TI group."""
-    unet, te = copy.deepcopy(quality.W["unet"]), copy.deepcopy(quality.W["te"])
-    plain, _, _, _ = quality.add_adapter("ax_r1", unet, te, 0, "conv", True)
-    unet, te = copy.deepcopy(quality.W["unet"]), copy.deepcopy(quality.W["te"])
-    params, ti, file_bytes, train_text = quality.add_adapter("ax_r1_ti", unet, te, 0, "conv", True)
-    assert train_text and len(ti) == 1 and ti[0].shape == (1, 128)
-    assert all(torch.equal(a, b) for a, b in zip(plain, params)) and len(plain) == len(params)
-    ids = quality.W["tokenizer"](["a photo of sks star"], padding="max_length", max_length=77,
-                                 return_tensors="pt").input_ids
+    plain, _, _ = built(quality, tmp_path, "ax_r1", targets="conv")
+    pivotal, _, te = built(quality, tmp_path, "ax_r1_ti", targets="conv")
+    groups = pivotal.param_groups(3e-3, 5e-3)
+    assert [g["lr"] for g in groups] == [3e-3, 5e-3] and [p.shape for p in groups[1]["params"]] == [(1, 128)]
+    assert all(torch.equal(a, b) for a, b in zip(trainable(plain), groups[0]["params"]))
+    assert len(trainable(plain)) == len(groups[0]["params"])
+    tok = quality.W["tokenizer"]
     with torch.no_grad():
-        before = te(ids)[0]
-        ti[0].fill_(0.5)
-        assert not torch.allclose(te(ids)[0], before)
-    assert file_bytes() > 0
+        before = encode_prompts(tok, te, ["a photo of sks star"])
+        groups[1]["params"][0].fill_(0.5)
+        assert not torch.allclose(encode_prompts(tok, te, ["a photo of sks star"]), before)
 
 
 def test_jobs_map_to_the_shipped_trainers_config(tmp_path):
-    """--loop trainer: each job becomes one `TrainingConfig` on the same images, prompts, steps, rate and layers."""
+    """Each job becomes one `TrainingConfig` on the job's images, prompts, steps, rate and layers."""
     job = dict(method="lora_r1", subject="checker_square", seed=2, lr=3e-3, steps=1500, prior_weight=1.0,
                targets="conv", text=True, n_eval=16, eval_steps=20)
     lora = Q.training_config(job, tmp_path)
@@ -218,7 +239,7 @@ def test_jobs_map_to_the_shipped_trainers_config(tmp_path):
     assert axes.train_text_encoder_ti and axes.text_encoder_lr == 5e-3
     vb = Q.training_config({**job, "method": "vblora_15k", "targets": "attention"}, tmp_path)
     assert vb.adapter == "vblora" and json.loads(vb.peft_kwargs) == Q.METHODS["vblora_15k"]["config"]
-    with pytest.raises(ValueError, match="no 'ti' adapter"):
-        Q.training_config({**job, "method": "ti"}, tmp_path)
-    with pytest.raises(ValueError, match="beside a SuperLoRA only"):
-        Q.training_config({**job, "method": "lora_r1_ti", "ti_lr": 5e-3}, tmp_path)
+    ti = Q.training_config({**job, "method": "ti"}, tmp_path).validate()
+    assert (ti.adapter, ti.train_text_encoder, ti.learning_rate) == ("trainable_tokens", False, 3e-3)
+    pivotal = Q.training_config({**job, "method": "lora_r1_ti", "ti_lr": 5e-3}, tmp_path).validate()
+    assert (pivotal.adapter, pivotal.train_text_encoder_ti, pivotal.text_encoder_lr) == ("lora", True, 5e-3)
