@@ -249,12 +249,17 @@ class SuperLoRALayer(BaseTunerLayer):
         self.merged_adapters, self.unmerged_weight = [], None
 
     # -- forward --
-    def _adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def _base_only(self) -> bool:
+        """Whether this call is the base layer's alone: adapters off (a merged ΔW is taken out of the weight first,
+        so off means the base weights) or merged into the weight already."""
+        if not self.disable_adapters:
+            return self.merged
         if self.merged:
+            self.unmerge()
+        return True
+
+    def _adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._base_only():
             return self.base_layer(x, *args, **kwargs)
         delta, factored = self._terms()
         out = self._forward_with_delta(x, delta, *args, **kwargs)
@@ -350,10 +355,9 @@ class Embedding(_Wrapper):
     scale, disabling, fusing and deleting exactly as the ΔW of the projections do."""
 
     def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
+        base_only = self._base_only()
         out = self.base_layer(input_ids, *args, **kwargs)
-        if self.disable_adapters or self.merged:
+        if base_only:
             return out
         for adapter in self.active_adapters:
             generator = self.superlora_shared.get(adapter)
