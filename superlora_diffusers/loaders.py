@@ -149,8 +149,7 @@ class SuperLoRALoaderMixin:
         else:
             weights = list(adapter_weights)
         components = self._superlora_components()
-        for name in names:
-            self._single_adapter(name)
+        self._check_superlora_names(names)
         if len(names) != len(weights):
             raise ValueError(f"{len(names)} adapter names but {len(weights)} weights; pass one weight per adapter.")
         for name, weight in zip(names, weights):
@@ -176,8 +175,7 @@ class SuperLoRALoaderMixin:
 
     def delete_superlora_adapters(self, adapter_names: str | list[str]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            self._single_adapter(name)
+        self._check_superlora_names(names)
         components = self._superlora_components()
         if any(layer.merged for _, layer in parts.superlora_layers(components)):
             raise ValueError("a SuperLoRA is fused; call unfuse_superlora() before deleting an adapter.")
@@ -206,13 +204,11 @@ class SuperLoRALoaderMixin:
 
     def disable_superlora(self) -> None:
         self._superlora_generators()
-        for _, layer in parts.superlora_layers(self._superlora_components()):
-            layer.enable_adapters(False)
+        parts.set_enabled(self._superlora_components(), False)
 
     def enable_superlora(self) -> None:
         self._superlora_generators()
-        for _, layer in parts.superlora_layers(self._superlora_components()):
-            layer.enable_adapters(True)
+        parts.set_enabled(self._superlora_components(), True)
 
     def get_superlora_info(self, adapter_name: str | None = None) -> dict[str, Any]:
         """Trainable parameters, file bytes, config, targets, and a rank-1 LoRA's count for the same targets."""
@@ -237,14 +233,24 @@ class SuperLoRALoaderMixin:
     # ---- internals ----------------------------------------------------------------------------------
     def _single_adapter(self, adapter_name: str | None) -> tuple[str, SharedGenerator]:
         """(name, generator) of `adapter_name`, or of the only adapter loaded when it is None."""
-        generators = self._superlora_generators()
-        if adapter_name is not None:
-            if adapter_name not in generators:
-                raise ValueError(f"no SuperLoRA adapter named {adapter_name!r}; loaded: {sorted(generators)}.")
-            return adapter_name, generators[adapter_name]
-        if len(generators) > 1:
-            raise ValueError(f"several SuperLoRAs are loaded ({sorted(generators)}); pass adapter_name=.")
-        return next(iter(generators.items()))
+        return _pick_adapter(self._superlora_generators(), adapter_name)
+
+    def _check_superlora_names(self, names: list[str]) -> None:
+        """Each name must be a loaded SuperLoRA: the adapters are read once for all (not at all for no names)."""
+        generators = self._superlora_generators() if names else {}
+        for name in names:
+            _pick_adapter(generators, name)
+
+
+def _pick_adapter(generators: dict[str, SharedGenerator], adapter_name: str | None) -> tuple[str, SharedGenerator]:
+    """(name, generator) of `adapter_name` among `generators`, or of the only one when it is None."""
+    if adapter_name is not None:
+        if adapter_name not in generators:
+            raise ValueError(f"no SuperLoRA adapter named {adapter_name!r}; loaded: {sorted(generators)}.")
+        return adapter_name, generators[adapter_name]
+    if len(generators) > 1:
+        raise ValueError(f"several SuperLoRAs are loaded ({sorted(generators)}); pass adapter_name=.")
+    return next(iter(generators.items()))
 
 
 def _hotswap(generators: dict[str, SharedGenerator], adapter_name: str, parsed: SuperLoRAFile, targets: list[Target],
