@@ -80,7 +80,7 @@ def inject_superlora(components: Components, config: SuperLoRAConfig, adapter_na
         if model is not unet:
             generator.follow(model)
     _activate(components, active + [adapter_name])
-    (_fused_qkv_check(unet) or _FusedQKVCheck(unet)).add(unet, generator)
+    generator.cache.hooks.append(unet.register_forward_pre_hook(_refuse_fused_qkv(unet)))
     return generator
 
 
@@ -135,11 +135,10 @@ def adapter_weights(components: Components, adapter_name: str) -> dict[str, floa
 
 def set_enabled(components: Components, enabled: bool) -> list[SuperLoRALayer]:
     """Turn every SuperLoRA layer on or off with peft's `enable_adapters`, as diffusers' `enable_lora` /
-    `disable_lora` do (a peft LoRA's layers stay as they are); returns the layers that were the other way, so
-    `disabled` turns back only those."""
-    layers = [layer for _, layer in superlora_layers(components)]
-    switched = [layer for layer in layers if layer.disable_adapters == enabled]
-    for layer in layers:
+    `disable_lora` do (a peft LoRA's layers stay as they are); switches and returns only the layers that were the
+    other way, so `disabled` turns back exactly those."""
+    switched = [layer for _, layer in superlora_layers(components) if layer.disable_adapters == enabled]
+    for layer in switched:
         layer.enable_adapters(enabled)
     return switched
 
@@ -215,69 +214,19 @@ def _fused_qkv(attention: nn.Module) -> bool:
     return "Fused" in type(getattr(attention, "processor", None)).__name__
 
 
-# q/k/v layer path -> (attention path, attention, layer)
-_QKVLayers = dict[str, tuple[str, nn.Module, SuperLoRALayer]]
+def _refuse_fused_qkv(unet: nn.Module):
+    """A UNet pre-forward hook: fused QKV projections skip the to_q/to_k/to_v layers, which would silently drop
+    the SuperLoRA there, so a forward that would do that is refused, saying what to do instead."""
+    attentions: dict[str, tuple[nn.Module, SuperLoRALayer]] = {}
+    for key, module in unet.named_modules():
+        parent, _, leaf = key.rpartition(".")
+        if isinstance(module, SuperLoRALayer) and leaf in ("to_q", "to_k", "to_v") and parent not in attentions:
+            attentions[parent] = (unet.get_submodule(parent), module)
 
-
-class _FusedQKVCheck:
-    """The UNet's pre-forward hook, one however many SuperLoRAs are loaded: fused QKV projections skip the
-    to_q/to_k/to_v layers, which would silently drop the SuperLoRA there, so a forward that would do that is
-    refused, saying what to do instead.
-
-    Each adapter adds the attentions wrapped when it was injected, checked until its generator detaches (however
-    the adapter is deleted: this package's verbs, diffusers' or peft's); with the last one the hook goes too. A
-    forward checks each q/k/v layer once.
-    """
-
-    def __init__(self, unet: nn.Module) -> None:
-        self.adapters: dict[int, _QKVLayers] = {}  # id(generator) -> its q/k/v layers
-        self.handle = unet.register_forward_pre_hook(self)
-
-    def add(self, unet: nn.Module, generator: SharedGenerator) -> None:
-        """Check the attentions wrapped now until `generator.detach()`, which removes its hooks' handles."""
-        self.adapters[id(generator)] = _qkv_layers(unet)
-        generator.cache.hooks.append(_Forget(self, id(generator)))
-
-    def forget(self, key: int) -> None:
-        """Stop checking a detached generator's layers; with none left, leave the UNet's hooks."""
-        self.adapters.pop(key, None)
-        if not self.adapters:
-            self.handle.remove()
-
-    def __call__(self, unet: nn.Module, args: tuple) -> None:
-        layers: _QKVLayers = {}
-        for adapter_layers in self.adapters.values():
-            layers.update(adapter_layers)
-        for path, attention, layer in layers.values():
+    def hook(module: nn.Module, args: tuple) -> None:
+        for path, (attention, layer) in attentions.items():
             if _fused_qkv(attention) and not (layer.merged or layer.disable_adapters):
                 raise RuntimeError(
                     f"{path}'s q/k/v projections are bypassed by fused QKV projections, so the SuperLoRA would be "
                     "silently dropped; call pipe.unfuse_qkv_projections(), or pipe.fuse_superlora() first.")
-
-
-@dataclasses.dataclass(eq=False)
-class _Forget:
-    """A hook handle in a generator's `cache.hooks`: when `detach()` removes it, the check forgets that adapter."""
-
-    check: _FusedQKVCheck
-    key: int
-
-    def remove(self) -> None:
-        self.check.forget(self.key)
-
-
-def _fused_qkv_check(unet: nn.Module) -> _FusedQKVCheck | None:
-    """The UNet's check, if a SuperLoRA registered it."""
-    return next((hook for hook in unet._forward_pre_hooks.values() if isinstance(hook, _FusedQKVCheck)), None)
-
-
-def _qkv_layers(unet: nn.Module) -> _QKVLayers:
-    """The first SuperLoRA q/k/v layer of each attention (those fused QKV projections would bypass)."""
-    layers: _QKVLayers = {}
-    attentions: set[str] = set()
-    for key, module in unet.named_modules():
-        parent, _, leaf = key.rpartition(".")
-        if isinstance(module, SuperLoRALayer) and leaf in ("to_q", "to_k", "to_v") and parent not in attentions:
-            attentions.add(parent)
-            layers[key] = (parent, unet.get_submodule(parent), module)
-    return layers
+    return hook
