@@ -124,6 +124,10 @@ METHODS: dict[str, dict] = {
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},
+    # a small-budget target (issue 21): Custom Diffusion's layers, the cross-attention K/V (20 weights), + the
+    # embedding: 1,280 + 128 = 1,408 parameters, for the <= 1.5k bar; its own targets (run without --train_text_encoder)
+    "kv_ax_r2_ti": {**_s("SuperLoRA Tucker axes, cross-attn K/V + TI", factorization="tucker", fold=3, groups="shape",
+                         rank=2, target_modules="attn2.to_k,attn2.to_v"), "ti": True},
     # textual inversion alone: the "sks" input embedding (128 params; ignores --targets/--train_text_encoder), and
     # pivotal tuning ("ti": the same embedding trained beside the adapter, at --ti_lr)
     "ti": {"kind": "ti", "family": "textual inversion"},
@@ -258,8 +262,9 @@ def training_config(job: dict, work_dir: Path):
     if spec["kind"] == "superlora":
         own = dict(spec["config"])
         targets = own.pop("target_modules", None)
-        if targets:
-            cfg["target_modules"] = targets + ("+conv" if job.get("targets") == "conv" and "conv" not in targets else "")
+        if targets:  # a preset widens with --targets conv; module patterns stay as they are
+            widen = job.get("targets") == "conv" and "conv" not in targets and "," not in targets
+            cfg["target_modules"] = targets + ("+conv" if widen else "")
         cfg.update({k: (str(v) if k == "groups" else v) for k, v in own.items()})
     elif spec["kind"] in ("lora", "lokr"):
         cfg.update(adapter=spec["kind"], rank=spec["r"])

@@ -243,3 +243,11 @@ def test_jobs_map_to_the_shipped_trainers_config(tmp_path):
     assert (ti.adapter, ti.train_text_encoder, ti.learning_rate) == ("trainable_tokens", False, 3e-3)
     pivotal = Q.training_config({**job, "method": "lora_r1_ti", "ti_lr": 5e-3}, tmp_path).validate()
     assert (pivotal.adapter, pivotal.train_text_encoder_ti, pivotal.text_encoder_lr) == ("lora", True, 5e-3)
+
+
+@pytest.mark.parametrize("targets", ["attention", "conv"])
+def test_the_small_budget_target_keeps_its_own_layers(quality, tmp_path, targets):
+    """kv_ax_r2_ti: the cross-attention K/V (Custom Diffusion's layers) + the embedding, <= 1,500 whatever --targets."""
+    adapter, _, _ = built(quality, tmp_path, "kv_ax_r2_ti", targets=targets, text=False)
+    assert adapter.n_params == 1_280 + 128 and len(adapter.shapes) == 20
+    assert all(name.endswith(("attn2.to_k", "attn2.to_v")) for name in adapter.targets)
