@@ -68,6 +68,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None,
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's RNG file is in tmp before the main one renames it
     if accelerator.is_main_process:
         save_weights(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"global_step": step}))
