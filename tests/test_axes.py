@@ -80,3 +80,60 @@ def test_save_load_round_trip(tmp_path):
     fresh.load_superlora_weights(tmp_path / "a")
     assert torch.equal(generate(fresh), adapted)
     assert fresh.get_superlora_info()["config"]["groups"] == "shape"
+
+
+def test_svd_bases_span_the_top_singular_vectors_of_each_shapes_frozen_weights():
+    torch.manual_seed(0)
+    weights = [torch.randn(shape) for shape in SHAPES]
+    module = SuperLoRA(axes_config(rank=2, axis_bases="svd"), SHAPES)
+    module.init_from_weights(weights)
+    group = module.axes.groups[0]  # the three (8, 6) weights: 0, 1 and 3
+    members = [weights[0], weights[1], weights[3]]
+    u = torch.linalg.svd(torch.cat(members, dim=1)).U[:, :2]
+    v = torch.linalg.svd(torch.cat(members, dim=0), full_matrices=False).Vh[:2].T
+    # the same subspaces (up to sign and rotation): the projections onto each other are the identity
+    torch.testing.assert_close((u.T @ group.factor_out).abs().sum(1), torch.ones(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close((v.T @ group.factor_in).abs().sum(1), torch.ones(2), atol=1e-4, rtol=0)
+    assert all(d.abs().max() == 0 for d in module())  # still ΔW = 0: only the bases moved
+    assert {n for n, _ in module.named_parameters()} == set(module.state_dict())  # trained, as with random bases
+
+
+def test_frozen_svd_bases_are_saved_buffers_that_no_optimiser_sees():
+    config = axes_config(rank=2, axis_bases="svd-frozen")
+    module = SuperLoRA(config, SHAPES)
+    trainable = {n for n, _ in module.named_parameters()}
+    assert not any(n.endswith(("factor_out", "factor_in")) for n in trainable)
+    assert any(n.endswith("factor_out") for n in module.state_dict())  # in the file
+    # core + layer factor only: (8 + 6) + (8 + 4) + (4 + 1)
+    assert count_parameters(config, SHAPES) == module.num_parameters() == 31
+    assert config.to_dict()["axis_bases"] == "svd-frozen" and "axis_bases" not in axes_config().to_dict()
+
+
+@pytest.mark.parametrize("kw, match", [(dict(groups="weight", factorization="lora", fold=2), "needs groups='shape'"),
+                                       (dict(axis_bases="pissa"), "unknown")])
+def test_config_refuses_bases_it_cannot_have(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SuperLoRAConfig(**{"factorization": "tucker", "fold": 3, "groups": "shape", "axis_bases": "svd", **kw})
+
+
+def test_injection_sets_frozen_svd_bases_from_the_pipeline_and_a_load_restores_them(tmp_path):
+    pipe = tiny_pipeline()
+    config = axes_config(rank=2, target_modules="unet+conv+text", axis_bases="svd-frozen")
+    module = add_random_adapter(pipe, config, std=0.1)  # random core and layer factors, bases untouched
+    group = module.axes.groups[0]
+    components = pipe._superlora_components()
+    weights = [components[name.split(".", 1)[0]].get_submodule(name.split(".", 1)[1]).base_layer.weight
+               for name in module.targets]
+    members = [w.reshape(w.shape[0], -1) for w in weights if w.shape == weights[0].shape]
+    u = torch.linalg.svd(torch.cat(members, dim=1).detach()).U[:, :2]
+    assert abs((u.T @ group.factor_out).norm() ** 2 - 2) < 1e-4  # the same 2-D subspace
+    assert not group.factor_out.requires_grad
+    adapted = generate(pipe)
+    pipe.save_superlora_weights(tmp_path / "a")
+    fresh = tiny_pipeline(seed=1)  # another base: its own SVD would differ, the file's bases must win
+    fresh.load_superlora_weights(tmp_path / "a")
+    loaded = next(iter(fresh.unet.superlora_generator.values())).axes.groups[0]
+    assert torch.equal(loaded.factor_out, group.factor_out) and torch.equal(loaded.factor_in, group.factor_in)
+    again = tiny_pipeline()
+    again.load_superlora_weights(tmp_path / "a")
+    assert torch.equal(generate(again), adapted)
