@@ -16,12 +16,6 @@ Initialisation and gain: U_out, U_in and U_layer start with orthonormal columns,
 an isometry; γ = alpha/rank · sqrt(L·d_out / (3·r_i·r_l)) then makes one optimiser step of the (tiny) core
 move ΔW by about as much as one step of a rank-r_o LoRA on the same L weights moves it (LoRA: B zero,
 A kaiming-uniform), so a LoRA learning rate is a sensible default.
-
-Data-aware bases (`axis_bases`, issue 21): "svd" starts U_out and U_in at the top singular vectors of the
-shape's frozen weights (left ones of [W_1 … W_L], right ones of [W_1; …; W_L]), anchoring the update in the
-directions the base model already uses, as PiSSA and TinyLoRA do; still orthonormal, so γ holds. "svd-frozen"
-keeps them fixed (persistent buffers: saved in the file, not trained), so a shape costs only its core and
-layer factor.
 """
 
 from __future__ import annotations
@@ -34,7 +28,6 @@ from torch import nn
 from .config import SuperLoRAConfig
 
 Shape = tuple[int, int]
-FROZEN_BASES = (".factor_out", ".factor_in")  # state-dict names that are buffers with axis_bases="svd-frozen"
 
 
 def shape_groups(shapes: list[Shape]) -> dict[Shape, list[int]]:
@@ -66,18 +59,6 @@ def _orthonormal(rows: int, cols: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
-def _top_singular(m: torch.Tensor, r: int) -> torch.Tensor:
-    """The top r left singular vectors of m: exact up to 2^24 entries; above (SD's conv stacks, d_in up to 23,040)
-    randomised, from a forked fixed-seed RNG so neither the result nor the caller's RNG depends on the other."""
-    m = m.float()
-    if m.numel() <= 2**24:
-        return torch.linalg.svd(m, full_matrices=False).U[:, :r]
-    with torch.random.fork_rng(devices=[m.device] if m.is_cuda else []):
-        torch.manual_seed(0)
-        u, _, _ = torch.svd_lowrank(m, q=min(r + 8, *m.shape), niter=6)
-    return u[:, :r]
-
-
 class AxisGroup(nn.Module):
     """The Tucker factors of one shape's (L, d_out, d_in) stack of ΔW."""
 
@@ -86,19 +67,9 @@ class AxisGroup(nn.Module):
         r_l, r_o, r_i = group_ranks(config, layers, shape)
         self.core = nn.Parameter(torch.zeros(r_l, r_o, r_i))
         self.factor_layer = nn.Parameter(_orthonormal(layers, r_l))
-        out, into = _orthonormal(shape[0], r_o), _orthonormal(shape[1], r_i)
-        if config.axis_bases == "svd-frozen":
-            self.register_buffer("factor_out", out)
-            self.register_buffer("factor_in", into)
-        else:
-            self.factor_out, self.factor_in = nn.Parameter(out), nn.Parameter(into)
+        self.factor_out = nn.Parameter(_orthonormal(shape[0], r_o))
+        self.factor_in = nn.Parameter(_orthonormal(shape[1], r_i))
         self.gain = config.scale * math.sqrt(layers * shape[0] / (3 * r_i * r_l))
-
-    @torch.no_grad()
-    def set_bases(self, weights: list[torch.Tensor]) -> None:
-        """U_out, U_in := the top singular vectors of this shape's (d_out, d_in) weights, stacked both ways."""
-        self.factor_out.copy_(_top_singular(torch.cat(weights, dim=1), self.factor_out.shape[1]))
-        self.factor_in.copy_(_top_singular(torch.cat(weights, dim=0).T, self.factor_in.shape[1]))
 
     def low_rank(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) with ΔW_l = B·A for the layer at `position` in this group: (d_out × r_i, r_i × d_in)."""
@@ -123,12 +94,6 @@ class AxisTucker(nn.Module):
         for g, members in enumerate(groups.values()):
             for position, weight in enumerate(members):
                 self.slots[weight] = (g, position)
-
-    def set_bases(self, weights: list[torch.Tensor]) -> None:
-        """Data-aware bases from the frozen weights, in target order (conv kernels flattened to (d_out, rest))."""
-        matrices = [w.detach().reshape(w.shape[0], -1) for w in weights]
-        for group, members in zip(self.groups, shape_groups([tuple(m.shape) for m in matrices]).values()):
-            group.set_bases([matrices[i] for i in members])
 
     def low_rank(self, weight: int) -> tuple[torch.Tensor, torch.Tensor]:
         group, position = self.slots[weight]

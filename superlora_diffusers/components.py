@@ -65,7 +65,6 @@ def inject_superlora(components: Components, config: SuperLoRAConfig, adapter_na
     slots = _slots(components, config, targets)
     active = active_adapters(components)
     generator = SharedGenerator(config, [t.shape for t in targets]).to(targets[0].module.weight.device)
-    generator.init_from_weights([t.module.weight for t in targets])
     generator.targets, generator.metadata = [t.name for t in targets], dict(metadata or {})
     kernels = {t.name: list(t.kernel_size) for t in targets if t.kernel_size is not None}
     if kernels:  # conv targets: exporters need the kernel shape back from the file

@@ -23,11 +23,9 @@ from peft.utils import CONFIG_NAME
 Factorization = Literal["lora", "kronecker", "tucker"]
 Projection = Literal["none", "fastfood", "gaussian"]
 Groups = Union[int, Literal["weight", "shape"]]
-AxisBases = Literal["random", "svd", "svd-frozen"]
 
 FACTORIZATIONS = ("lora", "kronecker", "tucker")
 PROJECTIONS = ("none", "fastfood", "gaussian")
-AXIS_BASES = ("random", "svd", "svd-frozen")
 CONFIG_VERSION = 1
 PEFT_TYPE = "SUPERLORA"  # peft's name for the method (see tuner.register); not a PeftType member
 
@@ -45,10 +43,6 @@ class SuperLoRAConfig(PeftConfig):
             weight (weight-aligned; with fold=2 each chunk keeps its native (d_out, d_in) shape), or
             "shape": the weights of each (d_out, d_in) shape stacked along a layer axis and Tucker-factored
             along (layer, d_out, d_in) without reshaping (`axes.py`; needs factorization="tucker", fold=3).
-        axis_bases: groups="shape" only: where each shape's U_out and U_in start. "random": orthonormal;
-            "svd": the top singular vectors of that shape's frozen weights (set on injection), then trained, as
-            PiSSA starts LoRA; "svd-frozen": the same, kept fixed and stored in the file, as TinyLoRA does, so
-            only the core and the layer factor train.
         fold: order M of the tensor each chunk is folded into (2 = matrix, 3 = cube, ...).
         fold_shape: explicit mode sizes (product >= chunk size) instead of equal sizes; needs integer groups.
         shuffle: apply one fixed random permutation to the super-vector before grouping.
@@ -70,7 +64,6 @@ class SuperLoRAConfig(PeftConfig):
     rank: int = 4
     alpha: float | None = None
     groups: Groups = "weight"
-    axis_bases: AxisBases = "random"
     fold: int = 2
     fold_shape: tuple[int, ...] | None = None
     shuffle: bool = False
@@ -119,13 +112,8 @@ class SuperLoRAConfig(PeftConfig):
             raise ValueError(f"alpha={self.alpha!r} must be a finite number (or None for alpha = rank).")
         if self.groups not in ("weight", "shape") and (not isinstance(self.groups, int) or self.groups < 1):
             raise ValueError(f"groups={self.groups!r} must be a positive integer, 'weight' or 'shape'.")
-        if self.axis_bases not in AXIS_BASES:
-            raise ValueError(f"axis_bases={self.axis_bases!r} is unknown; use one of {AXIS_BASES}.")
         if self.groups == "shape":
             self._validate_shape_groups()
-        elif self.axis_bases != "random":
-            raise ValueError(f"axis_bases={self.axis_bases!r} needs groups='shape' (the only layout with per-axis "
-                             "bases); set groups='shape' or drop axis_bases.")
         if not isinstance(self.fold, int) or self.fold < 2:
             raise ValueError(f"fold={self.fold!r} must be an integer >= 2 (2 = matrix, 3 = cube, ...).")
         if self.factorization in ("lora", "kronecker") and self.fold != 2:
@@ -188,8 +176,6 @@ class SuperLoRAConfig(PeftConfig):
             del d["token"], d["token_ids"], d["token_dim"]
         else:
             d["token_ids"] = list(d["token_ids"])
-        if self.axis_bases == "random":  # likewise files with the default bases
-            del d["axis_bases"]
         return d
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:

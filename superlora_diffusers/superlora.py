@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .axes import FROZEN_BASES, AxisTucker, axis_parameter_shapes
+from .axes import AxisTucker, axis_parameter_shapes
 from .config import SuperLoRAConfig
 from .factorization import ChunkFactors, chunk_numel, factor_shapes
 from .layout import Block, Layout, Shape, Unshuffle, row_positions, row_segments, shuffle_index, unshuffle_indices
@@ -67,12 +67,6 @@ class SuperLoRA(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def init_from_weights(self, weights: list[torch.Tensor]) -> None:
-        """Data-aware initialisation from the frozen weights (target order), where the config asks for it:
-        `axis_bases="svd"` / `"svd-frozen"`. A no-op otherwise; loading a file overwrites what it sets."""
-        if self.config.axis_bases != "random":
-            self.axes.set_bases(weights)
 
     def forward(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """All ΔW, one (d_out, d_in) tensor per shape, in `dtype` (default: the factors' dtype)."""
@@ -166,8 +160,7 @@ def parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape]) -> dict[str, 
 
 def count_parameters(config: SuperLoRAConfig, shapes: list[Shape]) -> int:
     """Trainable parameters of `SuperLoRA(config, shapes)`, computed without allocating anything."""
-    frozen = FROZEN_BASES if config.axis_bases == "svd-frozen" else ()
-    return sum(math.prod(s) for name, s in parameter_shapes(config, shapes).items() if not name.endswith(frozen))
+    return sum(math.prod(s) for s in parameter_shapes(config, shapes).values())
 
 
 def lora_parameter_count(shapes: list[Shape], rank: int = 1) -> int:

@@ -450,7 +450,6 @@ class SuperLoRATuner(BaseTuner):
         targets = model_targets(model, config)
         generator = SharedGenerator(config, [layer_shape(layer) for _, layer in targets])
         generator.to(targets[0][1].weight.device)
-        generator.init_from_weights([layer.weight for _, layer in targets])
         generator.attach(model, adapter_name)
         generator.targets = [key for key, _ in targets]
         # a tuple, not an attribute: the tuner is an nn.Module (PeftModel keeps it), which must not own the generator

@@ -129,15 +129,6 @@ def test_flags_override_the_preset():
         adapter_config(bad, lambda targets: SD_LIKE)
 
 
-def test_axis_bases_reach_the_config_and_need_the_axes_layout():
-    base = ["--instance_data_dir", "d", "--instance_prompt", "p", "--axis_bases", "svd-frozen"]
-    config, how = adapter_config(parse_args(base + ["--superlora_preset", "tucker-axes"]), lambda targets: SD_LIKE)
-    assert config.axis_bases == "svd-frozen" and "axis_bases=svd-frozen" in how
-    assert count_parameters(config, SD_LIKE) == (8 + 1) + (2 + 1) + (8 + 1) + (2 + 1)  # layer factor + 1x1x1 core
-    with pytest.raises(TrainingError, match="needs groups='shape'"):
-        adapter_config(parse_args(base + ["--superlora_preset", "lorta"]), lambda targets: SD_LIKE)
-
-
 def test_train_text_encoder_adds_the_text_encoder_to_the_targets():
     from superlora_diffusers.targets import TEXT_ENCODER_PATTERN
 

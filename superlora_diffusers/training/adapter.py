@@ -31,8 +31,7 @@ def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0) -
                                                shapes_for(targets), target_modules=targets, pivotal=ti)
         return config, f"--param_budget {cfg.param_budget}: {why}: {describe(config)}"
     overrides = {k: getattr(cfg, k) for k in ("factorization", "rank", "alpha", "fold", "shuffle", "projection",
-                                              "projection_ratio", "kron_splits", "kron_factor",
-                                              "axis_bases")
+                                              "projection_ratio", "kron_splits", "kron_factor")
                  if getattr(cfg, k) is not None}
     if cfg.groups is not None:
         overrides["groups"] = cfg.groups if cfg.groups in ("weight", "shape") else int(cfg.groups)
@@ -51,8 +50,6 @@ def describe(config: SuperLoRAConfig) -> str:
     parts = [config.factorization, f"rank={config.rank}", f"groups={config.groups}", f"fold={config.fold}"]
     if config.factorization == "kronecker":
         parts.append(f"kron_splits={config.kron_splits}")
-    if config.axis_bases != "random":
-        parts.append(f"axis_bases={config.axis_bases}")
     if config.shuffle:
         parts.append("shuffle")
     if config.projection != "none":

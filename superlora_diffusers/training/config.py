@@ -81,10 +81,6 @@ class TrainingConfig:
                                 "(layer, d_out, d_in) of each shape's weights (with --factorization tucker --fold 3)",
                                 ADAPTER)
     fold: int | None = option(None, "fold each group into an M-way tensor", ADAPTER)
-    axis_bases: str | None = option(None, "with --groups shape: where the per-axis bases start: 'random' "
-                                    "(orthonormal), 'svd' (top singular vectors of the frozen weights, then trained), "
-                                    "'svd-frozen' (the same, kept fixed: only the core and layer factor train)",
-                                    ADAPTER, ["random", "svd", "svd-frozen"])
     shuffle: bool | None = option(None, group=ADAPTER)
     projection: str | None = option(None, group=ADAPTER, choices=["none", "fastfood", "gaussian"])
     projection_ratio: float | None = option(None, group=ADAPTER)
