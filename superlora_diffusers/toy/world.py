@@ -21,10 +21,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, asdict
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where it is used: the world renders without it
+    import torch
 
 SHAPES = ["circle", "square", "triangle", "star", "heart", "ring", "cross", "diamond"]
 
@@ -406,7 +409,7 @@ def make_dataset(n: int, seed: int, size: int = 32, textured_frac: float = 0.0,
     return images, scenes
 
 
-def to_tensor(images: np.ndarray | Iterable) -> "torch.Tensor":
+def to_tensor(images: np.ndarray | Iterable) -> torch.Tensor:
     """uint8 (n, h, w, 3) or list of PIL images -> float tensor (n, 3, h, w) in [-1, 1]."""
     import torch
 
