@@ -121,6 +121,7 @@ METHODS: dict[str, dict] = {
     "ax_r1_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=1), "ti": True},
     "ax_r2_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=2), "ti": True},
     "ax_r8_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=8), "ti": True},
+    "ax_r10_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=10), "ti": True},
     "ax_r16_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=16), "ti": True},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
