@@ -276,6 +276,8 @@ def training_config(job: dict, work_dir: Path):
         cfg.update(adapter="trainable_tokens", train_text_encoder=False, target_modules=None)
     if spec.get("ti"):
         cfg.update(train_text_encoder_ti=True, token_abstraction=TI_TOKEN, text_encoder_lr=job["ti_lr"])
+    if "loraplus_lr_ratio" in job:
+        cfg["loraplus_lr_ratio"] = job["loraplus_lr_ratio"]
     return TrainingConfig(**cfg)
 
 
@@ -374,6 +376,7 @@ def job_key(j: dict) -> tuple:
     key = (j["method"], j["subject"], j["seed"], float(j["lr"]), j["phase"], j.get("targets", "attention"),
            j.get("text", False), j["steps"], j["prior_weight"])
     key += (float(j["ti_lr"]),) if "ti_lr" in j else ()  # pivotal tuning's embedding rate
+    key += (float(j["loraplus_lr_ratio"]),) if "loraplus_lr_ratio" in j else ()  # only where it is not 1
     return key + ((j["loop"],) if "loop" in j else ())  # "trainer": rows before it (the old own loop) never match
 
 
@@ -382,7 +385,8 @@ def refusal(method: str, args) -> str | None:
     from superlora_diffusers.training import TrainingError
 
     job = dict(method=method, subject=args.subjects[0], seed=0, lr=args.lr_grid[0], steps=args.steps,
-               prior_weight=args.prior_weight, targets=args.targets, text=args.train_text_encoder, ti_lr=args.ti_lr)
+               prior_weight=args.prior_weight, targets=args.targets, text=args.train_text_encoder, ti_lr=args.ti_lr,
+               **({"loraplus_lr_ratio": args.loraplus_lr_ratio} if args.loraplus_lr_ratio != 1 else {}))
     try:
         training_config(job, Path(args.work_dir)).validate()
     except TrainingError as e:
@@ -421,6 +425,8 @@ def run(args) -> None:
                   targets=args.targets, text=args.train_text_encoder, loop="trainer")
     if args.save_deltas:
         common["save_deltas"] = args.save_deltas
+    if args.loraplus_lr_ratio != 1:  # in the rows and keys only where set, so earlier rows keep matching
+        common["loraplus_lr_ratio"] = args.loraplus_lr_ratio
     seeds = SEEDS[:args.seeds]
     prio = {m: i for i, m in enumerate(methods)}
     tried: dict[str, list[float]] = {m: list(args.lr_grid) for m in methods}
@@ -556,7 +562,8 @@ def summarise(rows: list[dict]) -> tuple[dict, dict, dict]:
     stats = {}
     for m, rs in per_method.items():
         st = {"n": len(rs), "params": rs[0]["params"], "file_bytes": rs[0]["file_bytes"], "lr": rs[0]["lr"],
-              "ti_lr": rs[0].get("ti_lr"), "family": METHODS.get(m, {}).get("family", rs[0].get("family", m)),
+              "ti_lr": rs[0].get("ti_lr"), "loraplus": rs[0].get("loraplus_lr_ratio"),
+              "family": METHODS.get(m, {}).get("family", rs[0].get("family", m)),
               "subjects": len({r["subject"] for r in rs}), "seeds": len({r["seed"] for r in rs})}
         # per subject, mean over seeds: which subjects a method learns, hidden by the mean over subjects
         st["per_subject"] = {s: tuple(float(np.mean([r[k] for r in rs if r["subject"] == s]))
@@ -630,6 +637,7 @@ def report(args) -> None:
         ratio = f"{stats['lora_r4']['params'] / st['params']:,.1f}x" if "lora_r4" in stats else "-"
         name = f"`{m}`" + (f" (partial: {st['subjects']} of {n_subjects} subjects; not plotted)" if m in partial else "")
         lr = f"{st['lr']:g}" + (f" (TI {st['ti_lr']:g})" if st["ti_lr"] else "")  # pivotal tuning: both rates
+        lr += f", LoRA+ x{st['loraplus']:g}" if st.get("loraplus") else ""
         lines.append(f"| {name} | {st['family']} | {st['params']:,} | {ratio} | {st['file_bytes']:,} | {lr} | "
                      f"{st['subjects']} x {st['seeds']} | " + " | ".join(cell(st, k) for k, _ in SCORES) + " |")
     if base:
@@ -746,6 +754,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--ti_lr", type=float, default=TI_LR,
                    help="learning rate of the 'sks' embedding in pivotal tuning (methods *_ti; the method ti itself "
                         "uses --lr_grid)")
+    r.add_argument("--loraplus_lr_ratio", type=float, default=1.0,
+                   help="LoRA+: the zero-initialised factor (SuperLoRA's cores, LoRA's B) at lr x this")
     r.add_argument("--save_deltas", default=None,
                    help="also save each trained adapter's dense ΔW here (<method>-<subject>-s<seed>.safetensors), "
                         "for benchmarks/expressivity.py")

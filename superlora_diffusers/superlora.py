@@ -68,6 +68,12 @@ class SuperLoRA(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def zero_initialised(self) -> list[nn.Parameter]:
+        """The tensors that start at zero (LoRA's B, the Tucker cores): LoRA+ trains them at their own rate."""
+        if self.config.groups == "shape":
+            return [group.core for group in self.axes.groups]
+        return [getattr(factors, factors.zero_name) for factors in self.blocks]
+
     def forward(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """All ΔW, one (d_out, d_in) tensor per shape, in `dtype` (default: the factors' dtype)."""
         if self.config.groups == "shape":

@@ -225,6 +225,33 @@ def test_superlora_pivotal_tuning_runs_on_the_shipped_token_offsets(quality, tmp
         assert not torch.allclose(encode_prompts(tok, te, ["a photo of sks star"]), before)
 
 
+@pytest.mark.parametrize("method", ["ax_r1_ti", "t3_g12_r5", "lora_r1_ti"])
+def test_loraplus_trains_the_zero_initialised_factors_at_their_own_rate(quality, method, tmp_path):
+    """--loraplus_lr_ratio: SuperLoRA's cores (or the cube's zero factor) and peft LoRA's B at lr x ratio, the
+    rest of the adapter at lr, the embedding at its own rate; ratio 1 leaves the groups as they were."""
+    adapter, _, _ = built(quality, tmp_path, method, targets="conv")
+    plain = adapter.param_groups(3e-3, 5e-3)
+    groups = adapter.param_groups(3e-3, 5e-3, 4.0)
+    ti = [5e-3] if method.endswith("_ti") else []
+    assert [g["lr"] for g in plain] == [3e-3] + ti
+    assert [g["lr"] for g in groups] == [3e-3, 1.2e-2] + ti
+    zero = groups[1]["params"]
+    assert zero and all(p.abs().sum() == 0 for p in zero)  # exactly the tensors that start at zero...
+    assert all(p.abs().sum() > 0 for p in groups[0]["params"])  # ...and none of the others
+    assert sorted(map(id, zero + groups[0]["params"])) == sorted(map(id, plain[0]["params"]))
+    if method == "ax_r1_ti":
+        assert len(zero) == 16 and all(p.shape == (1, 1, 1) for p in zero)  # one rank-1 core per weight shape
+
+
+def test_loraplus_reaches_the_trainer_and_the_rows(quality, tmp_path):
+    job = dict(method="ax_r1_ti", subject="striped_star", seed=0, lr=3e-3, phase="final", targets="conv", text=True,
+               steps=1500, prior_weight=1.0, ti_lr=5e-3)
+    assert Q.training_config(job, tmp_path).loraplus_lr_ratio == 1.0
+    assert Q.training_config(dict(job, loraplus_lr_ratio=16.0), tmp_path).validate().loraplus_lr_ratio == 16.0
+    assert quality.job_key(dict(job, loraplus_lr_ratio=16.0)) != quality.job_key(job)
+    assert quality.job_key(dict(job, loraplus_lr_ratio=16.0))[-1] == 16.0
+
+
 def test_jobs_map_to_the_shipped_trainers_config(tmp_path):
     """Each job becomes one `TrainingConfig` on the job's images, prompts, steps, rate and layers."""
     job = dict(method="lora_r1", subject="checker_square", seed=2, lr=3e-3, steps=1500, prior_weight=1.0,

@@ -60,5 +60,10 @@ def test_peft_adapters_refuse_superlora_only_options_up_front():
         parse_args(base + ["--adapter", "trainable_tokens", "--train_text_encoder"])
     with pytest.raises(TrainingError, match="--token_abstraction 'sks' is not a word"):
         parse_args(["--instance_data_dir", "d", "--instance_prompt", "a star", "--adapter", "trainable_tokens"])
+    with pytest.raises(TrainingError, match="--loraplus_lr_ratio beside --adapter vera"):
+        parse_args(base + ["--adapter", "vera", "--loraplus_lr_ratio", "16"])
+    with pytest.raises(TrainingError, match="--loraplus_lr_ratio must be > 0, got 0.0"):
+        parse_args(base + ["--loraplus_lr_ratio", "0"])
+    assert parse_args(base + ["--adapter", "lora", "--loraplus_lr_ratio", "16"]).loraplus_lr_ratio == 16.0
     assert parse_args(base + ["--adapter", "lokr", "--target_modules", "unet+conv"]).adapter == "lokr"
     assert parse_args(base + ["--adapter", "lora", "--train_text_encoder_ti"]).trains_embedding

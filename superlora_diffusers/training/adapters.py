@@ -56,10 +56,15 @@ class SuperLoRAAdapter:
         self.shapes, self.entries = self.module.shapes, self.module.layout.total
         self.n_params = self.module.num_parameters()
 
-    def param_groups(self, lr: float, ti_lr: float) -> list[dict]:
-        params = [p for p in self.module.parameters() if p.requires_grad]
+    def param_groups(self, lr: float, ti_lr: float, zero_ratio: float = 1.0) -> list[dict]:
+        """The factors at `lr`, the zero-initialised ones at `lr * zero_ratio` (LoRA+), the embedding at `ti_lr`."""
         token_params = list(self.module.tokens.parameters()) if self.config.token is not None else []
-        groups = [{"params": [p for p in params if all(p is not t for t in token_params)], "lr": lr}]
+        zero = self.module.zero_initialised() if zero_ratio != 1 else []
+        special = {id(p) for p in token_params + zero}
+        groups = [{"params": [p for p in self.module.parameters() if p.requires_grad and id(p) not in special],
+                   "lr": lr}]
+        if zero:
+            groups.append({"params": zero, "lr": lr * zero_ratio})
         if token_params:  # the embedding offsets at their own rate (diffusers' --text_encoder_lr)
             groups.append({"params": token_params, "lr": ti_lr})
         return groups
@@ -141,12 +146,16 @@ class PeftAdapter:
                           "from peft import PeftModel\nPeftModel.from_pretrained(torch.nn.ModuleDict({{"
                           + ", ".join(f'"{c}": pipe.{c}' for c in self.components) + '}}), "{out}")')
 
-    def param_groups(self, lr: float, ti_lr: float) -> list[dict]:
-        """The adapter at `lr`; token rows beside it at `ti_lr`, alone at `lr`. peft trains the rows themselves (not
-        offsets), so they get no weight decay: decay would pull the word's embedding to zero, not to the base."""
+    def param_groups(self, lr: float, ti_lr: float, zero_ratio: float = 1.0) -> list[dict]:
+        """The adapter at `lr` (LoRA's B at `lr * zero_ratio`, as peft's LoRA+); token rows beside it at `ti_lr`, alone
+        at `lr`. peft trains the rows themselves (not offsets), so they get no weight decay: decay would pull the
+        word's embedding to zero, not to the base."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         tokens = [p for n, p in named if "trainable_tokens_delta" in n]
-        groups = [{"params": [p for n, p in named if "trainable_tokens_delta" not in n], "lr": lr}]
+        zero = [p for n, p in named if "lora_B" in n] if zero_ratio != 1 else []
+        special = {id(p) for p in tokens + zero}
+        groups = [{"params": [p for n, p in named if id(p) not in special], "lr": lr},
+                  {"params": zero, "lr": lr * zero_ratio}]
         if tokens:
             groups.append({"params": tokens, "lr": lr if self.kind == "trainable_tokens" else ti_lr,
                            "weight_decay": 0.0})

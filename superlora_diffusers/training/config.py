@@ -108,6 +108,9 @@ class TrainingConfig:
     gradient_accumulation_steps: int = option(1, group=OPTIM)
     gradient_checkpointing: bool = option(False, group=OPTIM)
     learning_rate: float = option(1e-3, group=OPTIM)
+    loraplus_lr_ratio: float = option(1.0, "LoRA+ (peft's create_loraplus_optimizer): the zero-initialised factor "
+                                      "(SuperLoRA's cores or B, peft LoRA's lora_B) trains at --learning_rate x this",
+                                      OPTIM)
     scale_lr: bool = option(False, group=OPTIM)
     lr_scheduler: str = option("constant", group=OPTIM, choices=["linear", "cosine", "cosine_with_restarts",
                                                                   "polynomial", "constant", "constant_with_warmup"])
@@ -187,6 +190,12 @@ class TrainingConfig:
         if linear_only and "conv" in (self.target_modules or ""):
             raise TrainingError(f"--adapter {self.adapter} adapts nn.Linear layers only; drop the convs from "
                                 "--target_modules (or train lora, lokr or loha there).")
+        if self.loraplus_lr_ratio <= 0:
+            raise TrainingError(f"--loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio}; 1 trains every factor "
+                                "at --learning_rate.")
+        if self.loraplus_lr_ratio != 1 and self.adapter not in ("superlora", "lora"):
+            raise TrainingError(f"--loraplus_lr_ratio beside --adapter {self.adapter}: LoRA+ needs a zero-initialised "
+                                "factor (SuperLoRA or peft LoRA); use one of those, or drop the flag.")
         if not 0 <= self.ema_decay < 1:
             raise TrainingError(f"--ema_decay must be in [0, 1), got {self.ema_decay}; 0.99 averages about 100 steps.")
         return self

@@ -187,7 +187,7 @@ def make_optimizer(run: Run, max_steps: int):
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * processes
         ti_lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * processes
-    groups = run.adapter.param_groups(lr, ti_lr)
+    groups = run.adapter.param_groups(lr, ti_lr, cfg.loraplus_lr_ratio)
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
