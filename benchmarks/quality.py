@@ -123,6 +123,14 @@ METHODS: dict[str, dict] = {
     "ax_r8_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=8), "ti": True},
     "ax_r10_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=10), "ti": True},
     "ax_r16_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=16), "ti": True},
+    # the kernel as a fourth axis (kernel_axis): the convs' U_in shrinks from c_in*9 to c_in + 9 rows, so rank 4 fits
+    # under 15k (13,881 + 128) and rank 1 in 3,109 + 128
+    "axk_r1_ti": {**_s("SuperLoRA Tucker axes + kernel + TI", factorization="tucker", fold=3, groups="shape", rank=1,
+                       kernel_axis=True), "ti": True},
+    "axk_r2_ti": {**_s("SuperLoRA Tucker axes + kernel + TI", factorization="tucker", fold=3, groups="shape", rank=2,
+                       kernel_axis=True), "ti": True},
+    "axk_r4_ti": {**_s("SuperLoRA Tucker axes + kernel + TI", factorization="tucker", fold=3, groups="shape", rank=4,
+                       kernel_axis=True), "ti": True},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},

@@ -16,6 +16,11 @@ Initialisation and gain: U_out, U_in and U_layer start with orthonormal columns,
 an isometry; γ = alpha/rank · sqrt(L·d_out / (3·r_i·r_l)) then makes one optimiser step of the (tiny) core
 move ΔW by about as much as one step of a rank-r_o LoRA on the same L weights moves it (LoRA: B zero,
 A kaiming-uniform), so a LoRA learning rate is a sensible default.
+
+`kernel_axis`: a conv's d_in is c_in·k_h·k_w, and U_in over all of it is most of the rank-1 layout's
+parameters (the toy's ResNet convs: 11.8k of 12.7k). With it, the kernel is a fourth axis, U_in = U_c ⊗ U_k
+(c_in × r_i and k_h·k_w × r_k, orthonormal, so still an isometry) and the core (r_l, r_o, r_i, r_k): the
+weights' real axes, as LyCORIS's `use_tucker` keeps a conv's kernel apart.
 """
 
 from __future__ import annotations
@@ -30,27 +35,41 @@ from .config import SuperLoRAConfig
 Shape = tuple[int, int]
 
 
-def shape_groups(shapes: list[Shape]) -> dict[Shape, list[int]]:
-    """Distinct shapes in first-seen order -> indices of the weights of that shape (in target order)."""
-    groups: dict[Shape, list[int]] = {}
+Group = tuple[int, int, int]  # (d_out, d_in, kernel): kernel is k_h·k_w with `kernel_axis`, else 1
+
+
+def shape_groups(shapes: list[Shape], kernels: list[int] | None = None) -> dict[Group, list[int]]:
+    """Distinct (d_out, d_in, kernel) in first-seen order -> indices of those weights (in target order)."""
+    groups: dict[Group, list[int]] = {}
     for index, shape in enumerate(shapes):
-        groups.setdefault(tuple(shape), []).append(index)
+        groups.setdefault((*shape, kernels[index] if kernels else 1), []).append(index)
     return groups
 
 
-def group_ranks(config: SuperLoRAConfig, layers: int, shape: Shape) -> tuple[int, int, int]:
-    """(r_l, r_o, r_i): the rank along each axis, capped at that axis's size."""
-    return min(config.rank, layers), min(config.rank, shape[0]), min(config.rank, shape[1])
+def group_ranks(config: SuperLoRAConfig, layers: int, group: Group) -> tuple[int, ...]:
+    """(r_l, r_o, r_i), and r_k for a kernel axis: the rank along each axis, capped at that axis's size."""
+    d_out, d_in, kernel = group
+    ranks = (min(config.rank, layers), min(config.rank, d_out), min(config.rank, d_in // kernel))
+    return ranks + (min(config.rank, kernel),) if kernel > 1 else ranks
 
 
-def axis_parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape]) -> dict[str, tuple[int, ...]]:
+def axis_parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape],
+                          kernels: list[int] | None = None) -> dict[str, tuple[int, ...]]:
     """`SuperLoRA` state-dict names (its `axes` attribute) -> shapes, without allocating."""
     out: dict[str, tuple[int, ...]] = {}
-    for g, (shape, members) in enumerate(shape_groups(shapes).items()):
-        r_l, r_o, r_i = group_ranks(config, len(members), shape)
-        out.update({f"axes.groups.{g}.core": (r_l, r_o, r_i), f"axes.groups.{g}.factor_layer": (len(members), r_l),
-                    f"axes.groups.{g}.factor_out": (shape[0], r_o), f"axes.groups.{g}.factor_in": (shape[1], r_i)})
+    for g, (group, members) in enumerate(shape_groups(shapes, kernel_list(config, kernels)).items()):
+        ranks = group_ranks(config, len(members), group)
+        d_out, d_in, kernel = group
+        out.update({f"axes.groups.{g}.core": ranks, f"axes.groups.{g}.factor_layer": (len(members), ranks[0]),
+                    f"axes.groups.{g}.factor_out": (d_out, ranks[1]), f"axes.groups.{g}.factor_in": (d_in // kernel, ranks[2])})
+        if kernel > 1:
+            out[f"axes.groups.{g}.factor_kernel"] = (kernel, ranks[3])
     return out
+
+
+def kernel_list(config: SuperLoRAConfig, kernels: list[int] | None) -> list[int] | None:
+    """The kernel sizes the layout splits off: the given ones with `kernel_axis`, else none."""
+    return list(kernels) if config.kernel_axis and kernels else None
 
 
 def _orthonormal(rows: int, cols: int) -> torch.Tensor:
@@ -62,33 +81,44 @@ def _orthonormal(rows: int, cols: int) -> torch.Tensor:
 class AxisGroup(nn.Module):
     """The Tucker factors of one shape's (L, d_out, d_in) stack of ΔW."""
 
-    def __init__(self, config: SuperLoRAConfig, layers: int, shape: Shape) -> None:
+    def __init__(self, config: SuperLoRAConfig, layers: int, group: Group) -> None:
         super().__init__()
-        r_l, r_o, r_i = group_ranks(config, layers, shape)
-        self.core = nn.Parameter(torch.zeros(r_l, r_o, r_i))
-        self.factor_layer = nn.Parameter(_orthonormal(layers, r_l))
-        self.factor_out = nn.Parameter(_orthonormal(shape[0], r_o))
-        self.factor_in = nn.Parameter(_orthonormal(shape[1], r_i))
-        self.gain = config.scale * math.sqrt(layers * shape[0] / (3 * r_i * r_l))
+        d_out, d_in, kernel = group
+        ranks = group_ranks(config, layers, group)
+        self.core = nn.Parameter(torch.zeros(ranks))
+        self.factor_layer = nn.Parameter(_orthonormal(layers, ranks[0]))
+        self.factor_out = nn.Parameter(_orthonormal(d_out, ranks[1]))
+        self.factor_in = nn.Parameter(_orthonormal(d_in // kernel, ranks[2]))
+        if kernel > 1:
+            self.factor_kernel = nn.Parameter(_orthonormal(kernel, ranks[3]))
+        self.gain = config.scale * math.sqrt(layers * d_out / (3 * math.prod(ranks[2:]) * ranks[0]))
+
+    def _in(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_in, core) with the kernel axis folded back: U_c ⊗ U_k (d_in × r_i·r_k), core (r_l, r_o, r_i·r_k)."""
+        if self.core.dim() == 3:
+            return self.factor_in, self.core
+        return torch.kron(self.factor_in, self.factor_kernel), self.core.flatten(2)
 
     def low_rank(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) with ΔW_l = B·A for the layer at `position` in this group: (d_out × r_i, r_i × d_in)."""
-        core = torch.einsum("k,kab->ab", self.factor_layer[position], self.core) * self.gain
-        return self.factor_out @ core, self.factor_in.T
+        factor_in, core = self._in()
+        core = torch.einsum("k,kab->ab", self.factor_layer[position], core) * self.gain
+        return self.factor_out @ core, factor_in.T
 
     def forward(self) -> torch.Tensor:
         """All ΔW of this shape, (L, d_out, d_in)."""
-        core = torch.einsum("lk,kab->lab", self.factor_layer, self.core) * self.gain
-        return torch.einsum("oa,lab,ib->loi", self.factor_out, core, self.factor_in)
+        factor_in, core = self._in()
+        core = torch.einsum("lk,kab->lab", self.factor_layer, core) * self.gain
+        return torch.einsum("oa,lab,ib->loi", self.factor_out, core, factor_in)
 
 
 class AxisTucker(nn.Module):
     """One `AxisGroup` per distinct shape; hands every weight its ΔW (or its factors) in target order."""
 
-    def __init__(self, config: SuperLoRAConfig, shapes: list[Shape]) -> None:
+    def __init__(self, config: SuperLoRAConfig, shapes: list[Shape], kernels: list[int] | None = None) -> None:
         super().__init__()
-        groups = shape_groups(shapes)
-        self.groups = nn.ModuleList(AxisGroup(config, len(members), shape) for shape, members in groups.items())
+        groups = shape_groups(shapes, kernel_list(config, kernels))
+        self.groups = nn.ModuleList(AxisGroup(config, len(members), group) for group, members in groups.items())
         # weight index -> (group, position in that group's layer axis)
         self.slots = [(0, 0)] * len(shapes)
         for g, members in enumerate(groups.values()):

@@ -64,7 +64,8 @@ def inject_superlora(components: Components, config: SuperLoRAConfig, adapter_na
     targets = targets if targets is not None else find_targets(components, config.target_modules)
     slots = _slots(components, config, targets)
     active = active_adapters(components)
-    generator = SharedGenerator(config, [t.shape for t in targets]).to(targets[0].module.weight.device)
+    generator = SharedGenerator(config, [t.shape for t in targets], [t.kernel_numel for t in targets])
+    generator = generator.to(targets[0].module.weight.device)
     generator.targets, generator.metadata = [t.name for t in targets], dict(metadata or {})
     kernels = {t.name: list(t.kernel_size) for t in targets if t.kernel_size is not None}
     if kernels:  # conv targets: exporters need the kernel shape back from the file

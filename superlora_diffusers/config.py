@@ -43,6 +43,8 @@ class SuperLoRAConfig(PeftConfig):
             weight (weight-aligned; with fold=2 each chunk keeps its native (d_out, d_in) shape), or
             "shape": the weights of each (d_out, d_in) shape stacked along a layer axis and Tucker-factored
             along (layer, d_out, d_in) without reshaping (`axes.py`; needs factorization="tucker", fold=3).
+        kernel_axis: with groups="shape", a conv's kernel (k_h·k_w) is a Tucker axis of its own instead of
+            part of d_in = c_in·k_h·k_w (a conv weight's real axes; far fewer parameters per rank).
         fold: order M of the tensor each chunk is folded into (2 = matrix, 3 = cube, ...).
         fold_shape: explicit mode sizes (product >= chunk size) instead of equal sizes; needs integer groups.
         shuffle: apply one fixed random permutation to the super-vector before grouping.
@@ -64,6 +66,7 @@ class SuperLoRAConfig(PeftConfig):
     rank: int = 4
     alpha: float | None = None
     groups: Groups = "weight"
+    kernel_axis: bool = False
     fold: int = 2
     fold_shape: tuple[int, ...] | None = None
     shuffle: bool = False
@@ -114,6 +117,9 @@ class SuperLoRAConfig(PeftConfig):
             raise ValueError(f"groups={self.groups!r} must be a positive integer, 'weight' or 'shape'.")
         if self.groups == "shape":
             self._validate_shape_groups()
+        elif self.kernel_axis:
+            raise ValueError(f"kernel_axis splits a conv's kernel off in the axes layout; set groups='shape' (got "
+                             f"groups={self.groups!r}) or drop kernel_axis.")
         if not isinstance(self.fold, int) or self.fold < 2:
             raise ValueError(f"fold={self.fold!r} must be an integer >= 2 (2 = matrix, 3 = cube, ...).")
         if self.factorization in ("lora", "kronecker") and self.fold != 2:
@@ -172,6 +178,8 @@ class SuperLoRAConfig(PeftConfig):
             d["target_modules"] = sorted(d["target_modules"])
         if d["fold_shape"] is not None:
             d["fold_shape"] = list(d["fold_shape"])
+        if not self.kernel_axis:  # likewise files without the kernel axis
+            del d["kernel_axis"]
         if self.token is None:  # files without pivotal tuning stay readable by releases that predate it
             del d["token"], d["token_ids"], d["token_dim"]
         else:

@@ -49,10 +49,21 @@ class SuperLoRAFile:
     def shapes(self) -> list[Shape]:
         return [shape for _, shape in self.targets]
 
+    @property
+    def kernels(self) -> list[int]:
+        """Each target's k_h·k_w (1 for a Linear), from the header's conv kernels."""
+        return target_kernels(self.targets, self.metadata)
+
     def build(self) -> SuperLoRA:
-        module = SuperLoRA(self.config, self.shapes)
+        module = SuperLoRA(self.config, self.shapes, self.kernels)
         module.load_state_dict(self.state_dict)
         return module
+
+
+def target_kernels(targets: list[tuple[str, Shape]], metadata: dict[str, str]) -> list[int]:
+    """k_h·k_w per target from the header's `target_kernels` (conv targets only; a Linear's is 1)."""
+    kernels = json.loads(metadata.get("target_kernels", "{}"))
+    return [int(kernels[name][0]) * int(kernels[name][1]) if name in kernels else 1 for name, _ in targets]
 
 
 def build_metadata(module: SuperLoRA, target_names: list[str], extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -169,7 +180,11 @@ def parse_superlora(state_dict: dict[str, torch.Tensor], metadata: dict[str, str
     if "base_fingerprint" in metadata and metadata["base_fingerprint"] != fingerprint(targets):
         raise SuperLoRAFileError(f"{source}: the target list does not match its fingerprint; the header was edited or damaged.")
     factors = {k[len(PREFIX):]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
-    expected = parameter_shapes(config, [s for _, s in targets])
+    try:
+        kernels = target_kernels(targets, metadata)
+    except (ValueError, TypeError, IndexError) as e:
+        raise SuperLoRAFileError(f"{source} has malformed target_kernels ({e}); the file is damaged: save it again.") from None
+    expected = parameter_shapes(config, [s for _, s in targets], kernels)
     missing = sorted(set(expected) - set(factors))
     unexpected = sorted(set(state_dict) - {PREFIX + k for k in expected})
     if missing or unexpected:

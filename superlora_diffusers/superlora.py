@@ -31,12 +31,13 @@ from .tokens import TokenOffsets
 class SuperLoRA(nn.Module):
     """Generates [ΔW_1, …, ΔW_L] (already scaled by alpha / rank) for the given (d_out, d_in) shapes."""
 
-    def __init__(self, config: SuperLoRAConfig, shapes: list[Shape]) -> None:
+    def __init__(self, config: SuperLoRAConfig, shapes: list[Shape], kernels: list[int] | None = None) -> None:
+        """`kernels`: each weight's k_h·k_w (1 for a Linear), which `kernel_axis` factors apart; else unused."""
         super().__init__()
         self.config = config
         self.layout = Layout.build(config, shapes)
         if config.groups == "shape":  # each shape's weights factored along their own axes: no super-vector pass
-            self.axes = AxisTucker(config, self.layout.shapes)
+            self.axes = AxisTucker(config, self.layout.shapes, kernels)
         else:
             self._build_super_vector(config)
         if config.token is not None:  # pivotal tuning: the identifier's embedding offsets, applied by model.py
@@ -151,10 +152,11 @@ def _narrow(t: torch.Tensor, size: int) -> torch.Tensor:
     return t if t.shape[-1] == size else t[..., :size]
 
 
-def parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape]) -> dict[str, tuple[int, ...]]:
-    """`SuperLoRA(config, shapes).state_dict()` names -> shapes, computed without allocating anything."""
+def parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape],
+                     kernels: list[int] | None = None) -> dict[str, tuple[int, ...]]:
+    """`SuperLoRA(config, shapes, kernels).state_dict()` names -> shapes, computed without allocating anything."""
     if config.groups == "shape":
-        out = axis_parameter_shapes(config, shapes)
+        out = axis_parameter_shapes(config, shapes, kernels)
     else:
         layout = Layout.build(config, shapes)
         out = {f"blocks.{i}.{name}": shape
@@ -164,9 +166,9 @@ def parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape]) -> dict[str, 
     return out
 
 
-def count_parameters(config: SuperLoRAConfig, shapes: list[Shape]) -> int:
-    """Trainable parameters of `SuperLoRA(config, shapes)`, computed without allocating anything."""
-    return sum(math.prod(s) for s in parameter_shapes(config, shapes).values())
+def count_parameters(config: SuperLoRAConfig, shapes: list[Shape], kernels: list[int] | None = None) -> int:
+    """Trainable parameters of `SuperLoRA(config, shapes, kernels)`, computed without allocating anything."""
+    return sum(math.prod(s) for s in parameter_shapes(config, shapes, kernels).values())
 
 
 def lora_parameter_count(shapes: list[Shape], rank: int = 1) -> int:

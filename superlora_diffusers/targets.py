@@ -55,6 +55,11 @@ class Target:
     def kernel_size(self) -> tuple[int, int] | None:
         return tuple(self.module.kernel_size) if isinstance(self.module, nn.Conv2d) else None
 
+    @property
+    def kernel_numel(self) -> int:
+        """k_h·k_w of a conv, 1 for a Linear: the size of the kernel axis (`SuperLoRAConfig.kernel_axis`)."""
+        return self.kernel_size[0] * self.kernel_size[1] if self.kernel_size else 1
+
 
 def layer_shape(layer: nn.Module) -> Shape:
     weight = layer.weight

@@ -129,7 +129,8 @@ def test_run_refuses_named_linear_only_methods_on_conv(quality, tmp_path):
                       "--targets", "conv", "--methods", "ti,vera_15k"])
     assert not (tmp_path / "q.jsonl").exists()  # refused before any work
     assert quality.refusal("ti", Namespace(subjects=["striped_star"], lr_grid=[1e-2], steps=3, prior_weight=1.0,
-                                           targets="conv", train_text_encoder=True, ti_lr=5e-3, work_dir=str(tmp_path))) is None
+                                           targets="conv", train_text_encoder=True, ti_lr=5e-3, work_dir=str(tmp_path),
+                                           loraplus_lr_ratio=1.0)) is None
 
 
 def test_textual_inversion_changes_only_sks_prompts(quality, tmp_path):

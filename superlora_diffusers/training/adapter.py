@@ -31,7 +31,7 @@ def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0) -
                                                shapes_for(targets), target_modules=targets, pivotal=ti)
         return config, f"--param_budget {cfg.param_budget}: {why}: {describe(config)}"
     overrides = {k: getattr(cfg, k) for k in ("factorization", "rank", "alpha", "fold", "shuffle", "projection",
-                                              "projection_ratio", "kron_splits", "kron_factor")
+                                              "projection_ratio", "kron_splits", "kron_factor", "kernel_axis")
                  if getattr(cfg, k) is not None}
     if cfg.groups is not None:
         overrides["groups"] = cfg.groups if cfg.groups in ("weight", "shape") else int(cfg.groups)

@@ -80,6 +80,8 @@ class TrainingConfig:
     groups: str | None = option(None, "number of groups G, 'weight' for one per weight, or 'shape' for a Tucker over "
                                 "(layer, d_out, d_in) of each shape's weights (with --factorization tucker --fold 3)",
                                 ADAPTER)
+    kernel_axis: bool | None = option(None, "with --groups shape: a conv's kernel (k_h*k_w) is a Tucker axis of its "
+                                      "own, not part of d_in (fewer parameters per rank on the ResNet convs)", ADAPTER)
     fold: int | None = option(None, "fold each group into an M-way tensor", ADAPTER)
     shuffle: bool | None = option(None, group=ADAPTER)
     projection: str | None = option(None, group=ADAPTER, choices=["none", "fastfood", "gaussian"])
