@@ -80,3 +80,57 @@ def test_save_load_round_trip(tmp_path):
     fresh.load_superlora_weights(tmp_path / "a")
     assert torch.equal(generate(fresh), adapted)
     assert fresh.get_superlora_info()["config"]["groups"] == "shape"
+
+
+CONV_SHAPES = [(8, 16 * 9), (8, 16 * 9), (4, 4), (8, 4 * 9)]
+KERNELS = [9, 9, 1, 9]  # k_h·k_w per weight: three 3x3 convs and a Linear
+
+
+def test_kernel_axis_factors_a_convs_kernel_apart():
+    """kernel_axis: (L, d_out, c_in, k) Tucker per conv shape; U_c ⊗ U_k stays orthonormal and ΔW starts at 0."""
+    config = axes_config(rank=2, kernel_axis=True)
+    torch.manual_seed(0)
+    module = SuperLoRA(config, CONV_SHAPES, KERNELS)
+    # (8, 144) x2: core 2x2x2x2, layer 2x2, out 8x2, c_in 16x2, kernel 9x2; (4, 4): as before; (8, 36): 1 layer
+    expected = (16 + 4 + 16 + 32 + 18) + (1 * 2 * 2 + 1 + 8 + 8) + (8 + 1 + 16 + 8 + 18)
+    assert count_parameters(config, CONV_SHAPES, KERNELS) == module.num_parameters() == expected
+    assert count_parameters(axes_config(rank=2), CONV_SHAPES, KERNELS) == count_parameters(axes_config(rank=2), CONV_SHAPES)
+    group = module.axes.groups[0]
+    u_in, _ = group._in()
+    torch.testing.assert_close(u_in.T @ u_in, torch.eye(4), atol=1e-5, rtol=0)
+    assert all(d.abs().max() == 0 for d in module())
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    deltas = module()
+    for i, shape in enumerate(CONV_SHAPES):
+        b, a = module.low_rank(i)
+        assert deltas[i].shape == shape
+        torch.testing.assert_close(b @ a, deltas[i], rtol=1e-5, atol=1e-5)
+    # the flattened d_in is (c_in, k_h·k_w) row-major, as a conv weight (d_out, c_in, k_h, k_w) flattens
+    core = torch.einsum("k,kabc->abc", group.factor_layer[1], group.core) * group.gain
+    kernel = torch.einsum("oa,abc,ib,jc->oij", group.factor_out, core, group.factor_in, group.factor_kernel)
+    torch.testing.assert_close(deltas[1].reshape(8, 16, 9), kernel, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_axis_needs_the_axes_layout():
+    with pytest.raises(ValueError, match="kernel_axis splits a conv's kernel off in the axes layout; set groups='shape'"):
+        SuperLoRAConfig(factorization="tucker", fold=3, groups=4, rank=2, kernel_axis=True)
+    assert "kernel_axis" not in axes_config().to_dict()  # files without it stay readable by older releases
+    assert SuperLoRAConfig.from_dict(axes_config(kernel_axis=True).to_dict()).kernel_axis
+
+
+def test_kernel_axis_round_trips_through_the_file_on_conv_targets(tmp_path):
+    pipe = tiny_pipeline()
+    config = axes_config(rank=2, kernel_axis=True, target_modules="unet+conv")
+    add_random_adapter(pipe, config, std=0.1)
+    info = pipe.get_superlora_info()
+    plain = tiny_pipeline()
+    add_random_adapter(plain, axes_config(rank=2, target_modules="unet+conv"), std=0.1)
+    assert info["num_parameters"] < plain.get_superlora_info()["num_parameters"]  # the convs' kernels split off
+    adapted = generate(pipe)
+    pipe.save_superlora_weights(tmp_path / "a")
+    fresh = tiny_pipeline()
+    fresh.load_superlora_weights(tmp_path / "a")
+    assert torch.equal(generate(fresh), adapted)
+    assert fresh.get_superlora_info()["config"]["kernel_axis"] is True

@@ -244,6 +244,14 @@ def test_loraplus_trains_the_zero_initialised_factors_at_their_own_rate(quality,
         assert len(zero) == 16 and all(p.shape == (1, 1, 1) for p in zero)  # one rank-1 core per weight shape
 
 
+def test_the_kernel_axis_methods_fit_their_budgets_through_the_trainer(quality, tmp_path):
+    """axk_r*_ti: --kernel_axis reaches the shipped trainer's adapter; rank 4 over the conv slice stays under 15k."""
+    counts = {m: built(quality, tmp_path, m, targets="conv")[0].n_params for m in ("axk_r1_ti", "axk_r4_ti", "ax_r1_ti")}
+    assert counts == {"axk_r1_ti": 3_109 + 128, "axk_r4_ti": 13_881 + 128, "ax_r1_ti": 12_738 + 128}
+    adapter, _, _ = built(quality, tmp_path, "axk_r4_ti", targets="conv")
+    assert adapter.config.kernel_axis and adapter.module.metadata["target_kernels"]
+
+
 def test_loraplus_reaches_the_trainer_and_the_rows(quality, tmp_path):
     job = dict(method="ax_r1_ti", subject="striped_star", seed=0, lr=3e-3, phase="final", targets="conv", text=True,
                steps=1500, prior_weight=1.0, ti_lr=5e-3)
