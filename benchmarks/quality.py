@@ -566,7 +566,9 @@ def summarise(rows: list[dict]) -> tuple[dict, dict, dict]:
             if r["subject"] in base:
                 r["prior_shape_drift"] = r["prior_shape_acc"] - base[r["subject"]]["prior_shape_acc"]
                 r["fidelity_gain"] = r["subject_fidelity"] - base[r["subject"]]["subject_fidelity"]
-            per_method.setdefault(r["method"], []).append(r)
+            # LoRA+ runs of a method are a row of their own, never averaged with the method's plain runs
+            name = r["method"] + (f"_loraplus{r['loraplus_lr_ratio']:g}" if "loraplus_lr_ratio" in r else "")
+            per_method.setdefault(name, []).append(r)
     stats = {}
     for m, rs in per_method.items():
         st = {"n": len(rs), "params": rs[0]["params"], "file_bytes": rs[0]["file_bytes"], "lr": rs[0]["lr"],
@@ -645,7 +647,7 @@ def report(args) -> None:
         ratio = f"{stats['lora_r4']['params'] / st['params']:,.1f}x" if "lora_r4" in stats else "-"
         name = f"`{m}`" + (f" (partial: {st['subjects']} of {n_subjects} subjects; not plotted)" if m in partial else "")
         lr = f"{st['lr']:g}" + (f" (TI {st['ti_lr']:g})" if st["ti_lr"] else "")  # pivotal tuning: both rates
-        lr += f", LoRA+ x{st['loraplus']:g}" if st.get("loraplus") else ""
+        lr += f", LoRA+ x{st['loraplus']:g}" if st["loraplus"] else ""
         lines.append(f"| {name} | {st['family']} | {st['params']:,} | {ratio} | {st['file_bytes']:,} | {lr} | "
                      f"{st['subjects']} x {st['seeds']} | " + " | ".join(cell(st, k) for k, _ in SCORES) + " |")
     if base:

@@ -53,6 +53,15 @@ def test_summary_gains_and_seed_noise(quality):
     assert st["prior_shape_drift"][0] == pytest.approx(-0.05)
 
 
+def test_loraplus_runs_are_a_row_of_their_own(quality):
+    plus = [dict(r, loraplus_lr_ratio=4.0) for r in rows_for("ax_r1_ti", 12_866, 0.06)]
+    stats, _, _ = quality.summarise(base_rows() + rows_for("ax_r1_ti", 12_866, 0.05) + plus)
+    assert sorted(stats) == ["ax_r1_ti", "ax_r1_ti_loraplus4"]
+    assert stats["ax_r1_ti"]["n"] == stats["ax_r1_ti_loraplus4"]["n"] == 12
+    assert stats["ax_r1_ti_loraplus4"]["fidelity_gain"][0] == pytest.approx(0.06)
+    assert stats["ax_r1_ti_loraplus4"]["loraplus"] == 4.0 and stats["ax_r1_ti"]["loraplus"] is None
+
+
 def test_equal_quality_picks_smallest_superlora_within_noise(quality):
     rows = (base_rows() + rows_for("lora_r4", 154_240, 0.070) + rows_for("lora_r1", 38_560, 0.065)
             + rows_for("d2_g4_r8", 54_400, 0.062) + rows_for("t3_g12_r5", 12_840, 0.040))
