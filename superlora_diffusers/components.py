@@ -35,6 +35,11 @@ def target_shapes(components: Components, target_modules: str | list[str]) -> li
     return [t.shape for t in find_targets(components, target_modules)]
 
 
+def target_kernels(components: Components, target_modules: str | list[str]) -> list[int]:
+    """k_h·k_w of each target (1 for a Linear): what `kernel_axis` counts parameters with."""
+    return [t.kernel_numel for t in find_targets(components, target_modules)]
+
+
 def find_generators(components: Components) -> dict[str, SharedGenerator]:
     """Loaded SuperLoRA adapters by name (in load order), each its generator."""
     return dict(getattr(components["unet"], GENERATORS, None) or {})

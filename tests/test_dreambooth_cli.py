@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from superlora_diffusers import count_parameters
+from superlora_diffusers import config_from_preset, count_parameters
 from superlora_diffusers.training import TrainingError, main, parse_args
-from superlora_diffusers.training.adapter import adapter_config, choose_config_for_budget
+from superlora_diffusers.training.adapter import adapter_config, choose_config_for_budget, describe
 from superlora_diffusers.training.data import epoch_batches, list_images, load_examples
 
 SD_LIKE = [(320, 320)] * 8 + [(320, 768)] * 2 + [(640, 640)] * 8 + [(640, 768)] * 2
@@ -94,6 +94,19 @@ def test_param_budget_takes_the_best_measured_recipe_that_fits(pivotal, budget, 
     config, why = choose_config_for_budget(budget, SD_LIKE, pivotal=pivotal)
     assert (config.factorization, config.groups, config.rank) == expected and "measured recipe" in why
     assert count_parameters(config, SD_LIKE) <= budget
+
+
+def test_param_budget_takes_the_kernel_axis_recipe_below_the_axes_one():
+    """With conv targets (their k_h·k_w known), a budget under tucker-axes takes its kernel-axis variant."""
+    shapes = SD_LIKE + [(64, 64 * 9)] * 3 + [(128, 64 * 9)]
+    kernels = [1] * len(SD_LIKE) + [9] * 4
+    axes = count_parameters(config_from_preset("tucker-axes"), shapes, kernels)
+    config, why = choose_config_for_budget(axes - 1, shapes, pivotal=True, kernels=kernels)
+    assert config.kernel_axis and config.groups == "shape" and "measured recipe" in why
+    assert count_parameters(config, shapes, kernels) < axes - 900  # each conv shape: c_in + 9 rows, not c_in·9
+    config, _ = choose_config_for_budget(axes - 1, shapes, pivotal=True)  # kernels unknown: it cannot fit
+    assert not config.kernel_axis
+    assert "kernel_axis" in describe(config_from_preset("tucker-axes", kernel_axis=True))
 
 
 @pytest.mark.parametrize("budget", [40, 300, 1_000, 4_000])

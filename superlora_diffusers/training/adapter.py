@@ -10,12 +10,14 @@ from ..targets import with_text_encoder
 from .config import TrainingConfig, TrainingError
 
 
-def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0) -> tuple[SuperLoRAConfig, str]:
+def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0,
+                   kernels_for=None) -> tuple[SuperLoRAConfig, str]:
     """The config the flags ask for, and a sentence saying how it was chosen.
 
-    `shapes_for(target_modules)` returns the (d_out, d_in) list of those targets, so a budget can be
-    met exactly before anything is injected; `token_parameters` is the size of the identifier's embedding,
-    which `--param_budget` counts when `--train_text_encoder_ti` trains it.
+    `shapes_for(target_modules)` returns the (d_out, d_in) list of those targets (and `kernels_for` their
+    k_h·k_w, for the kernel-axis recipe; None: all Linear), so a budget can be met exactly before anything is
+    injected; `token_parameters` is the size of the identifier's embedding, which `--param_budget` counts when
+    `--train_text_encoder_ti` trains it.
     """
     targets = cfg.target_modules or "unet"
     if "," in targets:
@@ -28,7 +30,8 @@ def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0) -
     if cfg.param_budget is not None:
         ti = cfg.train_text_encoder_ti
         config, why = choose_config_for_budget(cfg.param_budget - (token_parameters if ti else 0),
-                                               shapes_for(targets), target_modules=targets, pivotal=ti)
+                                               shapes_for(targets), target_modules=targets, pivotal=ti,
+                                               kernels=kernels_for(targets) if kernels_for else None)
         return config, f"--param_budget {cfg.param_budget}: {why}: {describe(config)}"
     overrides = {k: getattr(cfg, k) for k in ("factorization", "rank", "alpha", "fold", "shuffle", "projection",
                                               "projection_ratio", "kron_splits", "kron_factor", "kernel_axis")
@@ -48,6 +51,8 @@ def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0) -
 
 def describe(config: SuperLoRAConfig) -> str:
     parts = [config.factorization, f"rank={config.rank}", f"groups={config.groups}", f"fold={config.fold}"]
+    if config.kernel_axis:
+        parts.append("kernel_axis")
     if config.factorization == "kronecker":
         parts.append(f"kron_splits={config.kron_splits}")
     if config.shuffle:
@@ -59,15 +64,17 @@ def describe(config: SuperLoRAConfig) -> str:
 
 # Recipes measured by benchmarks/quality.py (UNet attention + ResNet convs + CLIP attention, 1,500 steps, prior
 # loss; docs/benchmarks.md, "Tiny adapters"), best first, with and without pivotal tuning: the shared Tucker axes
-# layout learns a subject only beside the identifier's embedding, while per-weight LoRA r=1 does without it.
+# layout learns a subject only beside the identifier's embedding, while per-weight LoRA r=1 does without it; with
+# the convs' kernel as its own axis it needs a quarter of the parameters and still beats the cube G=12.
 MEASURED_RECIPES: dict[bool, list[tuple[str, dict]]] = {
-    True: [("lora", {"rank": 4}), ("tucker-axes", {}), ("lora", {"rank": 1}), ("lorta", {"groups": 12, "rank": 5})],
+    True: [("lora", {"rank": 4}), ("tucker-axes", {}), ("lora", {"rank": 1}), ("tucker-axes", {"kernel_axis": True}),
+           ("lorta", {"groups": 12, "rank": 5})],
     False: [("lora", {"rank": 4}), ("lora", {"rank": 1}), ("tucker-axes", {}), ("lorta", {"groups": 12, "rank": 5})],
 }
 
 
 def choose_config_for_budget(budget: int, shapes: list[tuple[int, int]], target_modules="unet",
-                             pivotal: bool = False) -> tuple[SuperLoRAConfig, str]:
+                             pivotal: bool = False, kernels: list[int] | None = None) -> tuple[SuperLoRAConfig, str]:
     """The best measured recipe (`MEASURED_RECIPES`) that fits the budget, and a few words on how it was chosen.
 
     Below every measured recipe: the candidate with the most trainable parameters that fits, among per-weight
@@ -76,7 +83,7 @@ def choose_config_for_budget(budget: int, shapes: list[tuple[int, int]], target_
     for preset, overrides in MEASURED_RECIPES[pivotal]:
         config = config_from_preset(preset, target_modules=target_modules, **overrides)
         with contextlib.suppress(ValueError):  # a layout these shapes cannot take is simply not a candidate
-            if count_parameters(config, shapes) <= budget:
+            if count_parameters(config, shapes, kernels) <= budget:
                 return config, f"the best measured recipe that fits ({preset})"
     candidates: list[SuperLoRAConfig] = []
     for rank in range(1, 65):
