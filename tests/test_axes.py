@@ -28,18 +28,24 @@ def test_count_is_per_distinct_shape_and_ranks_are_capped_at_each_axis():
     assert count_parameters(axes_config(rank=2), SHAPES + [(8, 6), (8, 6)]) == expected + 2 * 2
 
 
-def test_zero_at_init_and_factors_reproduce_every_delta():
-    torch.manual_seed(0)
-    module = SuperLoRA(axes_config(rank=3, alpha=6.0), SHAPES)
+def randomised_deltas(module: SuperLoRA, shapes) -> list[torch.Tensor]:
+    """Checks ΔW = 0 at init, then fills every factor with noise and checks each layer's (B, A) gives its ΔW."""
     assert all(d.abs().max() == 0 for d in module())
     with torch.no_grad():
         for p in module.parameters():
             p.normal_()
     deltas = module()
-    for i, shape in enumerate(SHAPES):
+    for i, shape in enumerate(shapes):
         b, a = module.low_rank(i)
         assert deltas[i].shape == shape
         torch.testing.assert_close(b @ a, deltas[i], rtol=1e-5, atol=1e-5)
+    return deltas
+
+
+def test_zero_at_init_and_factors_reproduce_every_delta():
+    torch.manual_seed(0)
+    module = SuperLoRA(axes_config(rank=3, alpha=6.0), SHAPES)
+    deltas = randomised_deltas(module, SHAPES)
     # the same U_out / U_in serve every weight of a shape: their ΔW share column and row spaces
     stacked = torch.cat([deltas[0], deltas[1], deltas[3]], dim=1)
     assert torch.linalg.matrix_rank(stacked) <= 3
@@ -98,15 +104,7 @@ def test_kernel_axis_factors_a_convs_kernel_apart():
     group = module.axes.groups[0]
     u_in, _ = group._in()
     torch.testing.assert_close(u_in.T @ u_in, torch.eye(4), atol=1e-5, rtol=0)
-    assert all(d.abs().max() == 0 for d in module())
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_()
-    deltas = module()
-    for i, shape in enumerate(CONV_SHAPES):
-        b, a = module.low_rank(i)
-        assert deltas[i].shape == shape
-        torch.testing.assert_close(b @ a, deltas[i], rtol=1e-5, atol=1e-5)
+    deltas = randomised_deltas(module, CONV_SHAPES)
     # the flattened d_in is (c_in, k_h·k_w) row-major, as a conv weight (d_out, c_in, k_h, k_w) flattens
     core = torch.einsum("k,kabc->abc", group.factor_layer[1], group.core) * group.gain
     kernel = torch.einsum("oa,abc,ib,jc->oij", group.factor_out, core, group.factor_in, group.factor_kernel)
