@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 from PIL import Image
 
 from superlora_diffusers import config_from_preset, count_parameters
