@@ -388,13 +388,18 @@ def job_key(j: dict) -> tuple:
     return key + ((j["loop"],) if "loop" in j else ())  # "trainer": rows before it (the old own loop) never match
 
 
+def loraplus(args) -> dict:
+    """The LoRA+ ratio as a job field, only where it is not 1: earlier rows and keys keep matching."""
+    return {"loraplus_lr_ratio": args.loraplus_lr_ratio} if args.loraplus_lr_ratio != 1 else {}
+
+
 def refusal(method: str, args) -> str | None:
     """Why the trainer refuses `method` with these options (e.g. a Linear-only peft tuner on the convs), else None."""
     from superlora_diffusers.training import TrainingError
 
     job = dict(method=method, subject=args.subjects[0], seed=0, lr=args.lr_grid[0], steps=args.steps,
                prior_weight=args.prior_weight, targets=args.targets, text=args.train_text_encoder, ti_lr=args.ti_lr,
-               **({"loraplus_lr_ratio": args.loraplus_lr_ratio} if args.loraplus_lr_ratio != 1 else {}))
+               **loraplus(args))
     try:
         training_config(job, Path(args.work_dir)).validate()
     except TrainingError as e:
@@ -433,8 +438,7 @@ def run(args) -> None:
                   targets=args.targets, text=args.train_text_encoder, loop="trainer")
     if args.save_deltas:
         common["save_deltas"] = args.save_deltas
-    if args.loraplus_lr_ratio != 1:  # in the rows and keys only where set, so earlier rows keep matching
-        common["loraplus_lr_ratio"] = args.loraplus_lr_ratio
+    common.update(loraplus(args))
     seeds = SEEDS[:args.seeds]
     prio = {m: i for i, m in enumerate(methods)}
     tried: dict[str, list[float]] = {m: list(args.lr_grid) for m in methods}

@@ -61,7 +61,8 @@ def axis_parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape],
         ranks = group_ranks(config, len(members), group)
         d_out, d_in, kernel = group
         out.update({f"axes.groups.{g}.core": ranks, f"axes.groups.{g}.factor_layer": (len(members), ranks[0]),
-                    f"axes.groups.{g}.factor_out": (d_out, ranks[1]), f"axes.groups.{g}.factor_in": (d_in // kernel, ranks[2])})
+                    f"axes.groups.{g}.factor_out": (d_out, ranks[1]),
+                    f"axes.groups.{g}.factor_in": (d_in // kernel, ranks[2])})
         if kernel > 1:
             out[f"axes.groups.{g}.factor_kernel"] = (kernel, ranks[3])
     return out

@@ -52,7 +52,7 @@ class SuperLoRAFile:
     @property
     def kernels(self) -> list[int]:
         """Each target's k_h·k_w (1 for a Linear), from the header's conv kernels."""
-        return target_kernels(self.targets, self.metadata)
+        return header_kernels(self.targets, self.metadata)
 
     def build(self) -> SuperLoRA:
         module = SuperLoRA(self.config, self.shapes, self.kernels)
@@ -60,7 +60,7 @@ class SuperLoRAFile:
         return module
 
 
-def target_kernels(targets: list[tuple[str, Shape]], metadata: dict[str, str]) -> list[int]:
+def header_kernels(targets: list[tuple[str, Shape]], metadata: dict[str, str]) -> list[int]:
     """k_h·k_w per target from the header's `target_kernels` (conv targets only; a Linear's is 1)."""
     kernels = json.loads(metadata.get("target_kernels", "{}"))
     return [int(kernels[name][0]) * int(kernels[name][1]) if name in kernels else 1 for name, _ in targets]
@@ -181,9 +181,10 @@ def parse_superlora(state_dict: dict[str, torch.Tensor], metadata: dict[str, str
         raise SuperLoRAFileError(f"{source}: the target list does not match its fingerprint; the header was edited or damaged.")
     factors = {k[len(PREFIX):]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
     try:
-        kernels = target_kernels(targets, metadata)
+        kernels = header_kernels(targets, metadata)
     except (ValueError, TypeError, IndexError) as e:
-        raise SuperLoRAFileError(f"{source} has malformed target_kernels ({e}); the file is damaged: save it again.") from None
+        raise SuperLoRAFileError(f"{source} has malformed target_kernels ({e}); the file is damaged: "
+                                 "save it again.") from None
     expected = parameter_shapes(config, [s for _, s in targets], kernels)
     missing = sorted(set(expected) - set(factors))
     unexpected = sorted(set(state_dict) - {PREFIX + k for k in expected})

@@ -63,7 +63,8 @@ class SharedGenerator(SuperLoRA):
     State-dict names are `SuperLoRA`'s own (`blocks.0.lora_A`, ...), under `superlora_generator.<adapter>.`.
     """
 
-    def __init__(self, config: SuperLoRAConfig, shapes: list[tuple[int, int]], kernels: list[int] | None = None) -> None:
+    def __init__(self, config: SuperLoRAConfig, shapes: list[tuple[int, int]],
+                 kernels: list[int] | None = None) -> None:
         super().__init__(config, shapes, kernels)
         self.targets: list[str] = []  # the adapted weights' names in slot order ("unet.<path>"; the file's targets)
         self.metadata: dict[str, str] = {}  # the rest of the adapter file's header (instance prompt, kernels, ...)

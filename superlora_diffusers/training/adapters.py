@@ -48,7 +48,8 @@ class SuperLoRAAdapter:
         token_ids = tuple(token_ids_for(tokenizer, cfg.token_abstraction))
         token_dim = text_encoder.get_input_embeddings().embedding_dim
         config, self.how = adapter_config(cfg, lambda targets: target_shapes(components, targets),
-                                          len(token_ids) * token_dim, lambda targets: target_kernels(components, targets))
+                                          len(token_ids) * token_dim,
+                                          kernels_for=lambda targets: target_kernels(components, targets))
         if cfg.train_text_encoder_ti:  # pivotal tuning: the identifier's embedding offsets live in the same module
             config = dataclasses.replace(config, token=cfg.token_abstraction, token_ids=token_ids, token_dim=token_dim)
         self.config, self.module = config, inject_superlora(components, config)
