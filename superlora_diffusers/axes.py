@@ -21,6 +21,12 @@ A kaiming-uniform), so a LoRA learning rate is a sensible default.
 parameters (the toy's ResNet convs: 11.8k of 12.7k). With it, the kernel is a fourth axis, U_in = U_c ⊗ U_k
 (c_in × r_i and k_h·k_w × r_k, orthonormal, so still an isometry) and the core (r_l, r_o, r_i, r_k): the
 weights' real axes, as LyCORIS's `use_tucker` keeps a conv's kernel apart.
+
+`share_axes`: the bases are shared across shapes too, one per (role, length): every shape with d_out = 128
+reads the same U_out ("out_128"), every one with c_in = 128 the same U_in ("in_128"), every 3×3 kernel the
+same U_k. A shape then owns only its core and layer factor, so the parameters grow with the distinct axis
+lengths, not the distinct shapes (the toy's rank-1 kernel-axis layout: 3,109 -> 1,131). In a UNet the
+equal-width axes are mostly one feature space (a level's hidden channels), read by its convs and attention.
 """
 
 from __future__ import annotations
@@ -57,15 +63,36 @@ def axis_parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape],
                           kernels: list[int] | None = None) -> dict[str, tuple[int, ...]]:
     """`SuperLoRA` state-dict names (its `axes` attribute) -> shapes, without allocating."""
     out: dict[str, tuple[int, ...]] = {}
-    for g, (group, members) in enumerate(shape_groups(shapes, kernel_list(config, kernels)).items()):
+    groups = shape_groups(shapes, kernel_list(config, kernels))
+    for g, (group, members) in enumerate(groups.items()):
         ranks = group_ranks(config, len(members), group)
         d_out, d_in, kernel = group
-        out.update({f"axes.groups.{g}.core": ranks, f"axes.groups.{g}.factor_layer": (len(members), ranks[0]),
-                    f"axes.groups.{g}.factor_out": (d_out, ranks[1]),
+        out.update({f"axes.groups.{g}.core": ranks, f"axes.groups.{g}.factor_layer": (len(members), ranks[0])})
+        if config.share_axes:
+            continue
+        out.update({f"axes.groups.{g}.factor_out": (d_out, ranks[1]),
                     f"axes.groups.{g}.factor_in": (d_in // kernel, ranks[2])})
         if kernel > 1:
             out[f"axes.groups.{g}.factor_kernel"] = (kernel, ranks[3])
+    if config.share_axes:
+        out.update({f"axes.bases.{name}": shape for name, shape in shared_bases(config, list(groups)).items()})
     return out
+
+
+def shared_bases(config: SuperLoRAConfig, groups: list[Group]) -> dict[str, tuple[int, int]]:
+    """With `share_axes`: the shared basis names ("out_128", "in_64", "kernel_9") -> (length, rank), first-seen order."""
+    out: dict[str, tuple[int, int]] = {}
+    for d_out, d_in, kernel in groups:
+        roles = [("out", d_out), ("in", d_in // kernel)] + ([("kernel", kernel)] if kernel > 1 else [])
+        for role, n in roles:
+            out.setdefault(f"{role}_{n}", (n, min(config.rank, n)))
+    return out
+
+
+def basis_names(group: Group) -> tuple[str, ...]:
+    """The shared bases one group reads: (out, in) and, with a kernel axis, kernel."""
+    d_out, d_in, kernel = group
+    return (f"out_{d_out}", f"in_{d_in // kernel}") + ((f"kernel_{kernel}",) if kernel > 1 else ())
 
 
 def kernel_list(config: SuperLoRAConfig, kernels: list[int] | None) -> list[int] | None:
@@ -79,57 +106,76 @@ def _orthonormal(rows: int, cols: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
-class AxisGroup(nn.Module):
-    """The Tucker factors of one shape's (L, d_out, d_in) stack of ΔW."""
+Bases = tuple[torch.Tensor, ...]  # (U_out, U_in) and, with a kernel axis, U_k
 
-    def __init__(self, config: SuperLoRAConfig, layers: int, group: Group) -> None:
+
+class AxisGroup(nn.Module):
+    """The Tucker factors of one shape's (L, d_out, d_in) stack of ΔW; the bases are its own unless shared."""
+
+    def __init__(self, config: SuperLoRAConfig, layers: int, group: Group, own_bases: bool = True) -> None:
         super().__init__()
         d_out, d_in, kernel = group
         ranks = group_ranks(config, layers, group)
         self.core = nn.Parameter(torch.zeros(ranks))
         self.factor_layer = nn.Parameter(_orthonormal(layers, ranks[0]))
-        self.factor_out = nn.Parameter(_orthonormal(d_out, ranks[1]))
-        self.factor_in = nn.Parameter(_orthonormal(d_in // kernel, ranks[2]))
-        if kernel > 1:
-            self.factor_kernel = nn.Parameter(_orthonormal(kernel, ranks[3]))
+        if own_bases:
+            self.factor_out = nn.Parameter(_orthonormal(d_out, ranks[1]))
+            self.factor_in = nn.Parameter(_orthonormal(d_in // kernel, ranks[2]))
+            if kernel > 1:
+                self.factor_kernel = nn.Parameter(_orthonormal(kernel, ranks[3]))
         self.gain = config.scale * math.sqrt(layers * d_out / (3 * math.prod(ranks[2:]) * ranks[0]))
 
-    def _in(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def own_bases(self) -> Bases:
+        kernel = (self.factor_kernel,) if self.core.dim() == 4 else ()
+        return (self.factor_out, self.factor_in) + kernel
+
+    def _in(self, bases: Bases) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_in, core) with the kernel axis folded back: U_c ⊗ U_k (d_in × r_i·r_k), core (r_l, r_o, r_i·r_k)."""
         if self.core.dim() == 3:
-            return self.factor_in, self.core
-        return torch.kron(self.factor_in, self.factor_kernel), self.core.flatten(2)
+            return bases[1], self.core
+        return torch.kron(bases[1], bases[2]), self.core.flatten(2)
 
-    def low_rank(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def low_rank(self, position: int, bases: Bases) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) with ΔW_l = B·A for the layer at `position` in this group: (d_out × r_i, r_i × d_in)."""
-        factor_in, core = self._in()
+        factor_in, core = self._in(bases)
         core = torch.einsum("k,kab->ab", self.factor_layer[position], core) * self.gain
-        return self.factor_out @ core, factor_in.T
+        return bases[0] @ core, factor_in.T
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, bases: Bases) -> torch.Tensor:
         """All ΔW of this shape, (L, d_out, d_in)."""
-        factor_in, core = self._in()
+        factor_in, core = self._in(bases)
         core = torch.einsum("lk,kab->lab", self.factor_layer, core) * self.gain
-        return torch.einsum("oa,lab,ib->loi", self.factor_out, core, factor_in)
+        return torch.einsum("oa,lab,ib->loi", bases[0], core, factor_in)
 
 
 class AxisTucker(nn.Module):
-    """One `AxisGroup` per distinct shape; hands every weight its ΔW (or its factors) in target order."""
+    """One `AxisGroup` per distinct shape (and, with `share_axes`, the bases they share); hands every weight
+    its ΔW (or its factors) in target order."""
 
     def __init__(self, config: SuperLoRAConfig, shapes: list[Shape], kernels: list[int] | None = None) -> None:
         super().__init__()
         groups = shape_groups(shapes, kernel_list(config, kernels))
-        self.groups = nn.ModuleList(AxisGroup(config, len(members), group) for group, members in groups.items())
+        self.groups = nn.ModuleList(AxisGroup(config, len(members), group, own_bases=not config.share_axes)
+                                    for group, members in groups.items())
+        self.basis_names = [basis_names(group) for group in groups] if config.share_axes else None
+        if config.share_axes:
+            self.bases = nn.ParameterDict({name: nn.Parameter(_orthonormal(n, rank))
+                                           for name, (n, rank) in shared_bases(config, list(groups)).items()})
         # weight index -> (group, position in that group's layer axis)
         self.slots = [(0, 0)] * len(shapes)
         for g, members in enumerate(groups.values()):
             for position, weight in enumerate(members):
                 self.slots[weight] = (g, position)
 
+    def _bases(self, group: int) -> Bases:
+        if self.basis_names is None:
+            return self.groups[group].own_bases()
+        return tuple(self.bases[name] for name in self.basis_names[group])
+
     def low_rank(self, weight: int) -> tuple[torch.Tensor, torch.Tensor]:
         group, position = self.slots[weight]
-        return self.groups[group].low_rank(position)
+        return self.groups[group].low_rank(position, self._bases(group))
 
     def forward(self) -> list[torch.Tensor]:
-        stacks = [group() for group in self.groups]
+        stacks = [group(self._bases(g)) for g, group in enumerate(self.groups)]
         return [stacks[g][position] for g, position in self.slots]

@@ -45,6 +45,8 @@ class SuperLoRAConfig(PeftConfig):
             along (layer, d_out, d_in) without reshaping (`axes.py`; needs factorization="tucker", fold=3).
         kernel_axis: with groups="shape", a conv's kernel (k_h·k_w) is a Tucker axis of its own instead of
             part of d_in = c_in·k_h·k_w (a conv weight's real axes; far fewer parameters per rank).
+        share_axes: with groups="shape", one basis per axis role and length shared by every shape (all
+            d_out = 128 read one U_out): a shape keeps only its core and layer factor (the smallest layouts).
         fold: order M of the tensor each chunk is folded into (2 = matrix, 3 = cube, ...).
         fold_shape: explicit mode sizes (product >= chunk size) instead of equal sizes; needs integer groups.
         shuffle: apply one fixed random permutation to the super-vector before grouping.
@@ -67,6 +69,7 @@ class SuperLoRAConfig(PeftConfig):
     alpha: float | None = None
     groups: Groups = "weight"
     kernel_axis: bool = False
+    share_axes: bool = False
     fold: int = 2
     fold_shape: tuple[int, ...] | None = None
     shuffle: bool = False
@@ -117,9 +120,11 @@ class SuperLoRAConfig(PeftConfig):
             raise ValueError(f"groups={self.groups!r} must be a positive integer, 'weight' or 'shape'.")
         if self.groups == "shape":
             self._validate_shape_groups()
-        elif self.kernel_axis:
-            raise ValueError(f"kernel_axis splits a conv's kernel off in the axes layout; set groups='shape' (got "
-                             f"groups={self.groups!r}) or drop kernel_axis.")
+        elif self.kernel_axis or self.share_axes:
+            name, what = (("kernel_axis", "splits a conv's kernel off in") if self.kernel_axis else
+                          ("share_axes", "shares the bases of"))
+            raise ValueError(f"{name} {what} the axes layout; set groups='shape' (got groups={self.groups!r}) "
+                             f"or drop {name}.")
         if not isinstance(self.fold, int) or self.fold < 2:
             raise ValueError(f"fold={self.fold!r} must be an integer >= 2 (2 = matrix, 3 = cube, ...).")
         if self.factorization in ("lora", "kronecker") and self.fold != 2:
@@ -178,8 +183,9 @@ class SuperLoRAConfig(PeftConfig):
             d["target_modules"] = sorted(d["target_modules"])
         if d["fold_shape"] is not None:
             d["fold_shape"] = list(d["fold_shape"])
-        if not self.kernel_axis:  # likewise files without the kernel axis
-            del d["kernel_axis"]
+        for name in ("kernel_axis", "share_axes"):  # likewise files without the kernel axis or shared bases
+            if not getattr(self, name):
+                del d[name]
         if self.token is None:  # files without pivotal tuning stay readable by releases that predate it
             del d["token"], d["token_ids"], d["token_dim"]
         else:

@@ -102,7 +102,7 @@ def test_kernel_axis_factors_a_convs_kernel_apart():
     assert count_parameters(config, CONV_SHAPES, KERNELS) == module.num_parameters() == expected
     assert count_parameters(axes_config(rank=2), CONV_SHAPES, KERNELS) == count_parameters(axes_config(rank=2), CONV_SHAPES)
     group = module.axes.groups[0]
-    u_in, _ = group._in()
+    u_in, _ = group._in(group.own_bases())
     torch.testing.assert_close(u_in.T @ u_in, torch.eye(4), atol=1e-5, rtol=0)
     deltas = randomised_deltas(module, CONV_SHAPES)
     # the flattened d_in is (c_in, k_h·k_w) row-major, as a conv weight (d_out, c_in, k_h, k_w) flattens
@@ -132,3 +132,41 @@ def test_kernel_axis_round_trips_through_the_file_on_conv_targets(tmp_path):
     fresh.load_superlora_weights(tmp_path / "a")
     assert torch.equal(generate(fresh), adapted)
     assert fresh.get_superlora_info()["config"]["kernel_axis"] is True
+
+
+def test_share_axes_gives_each_axis_length_one_basis():
+    """share_axes: shapes with equal d_out (or c_in, or kernel) read one basis; a shape owns its core and layer factor."""
+    config = axes_config(rank=2, kernel_axis=True, share_axes=True)
+    torch.manual_seed(0)
+    module = SuperLoRA(config, CONV_SHAPES, KERNELS)
+    # groups (8, 16, 9) x2, (4, 4) x1, (8, 4, 9) x1: cores 16 + 1·2·2 + 1·2·2·2, layers 4 + 1 + 1;
+    # bases out_8, in_16, kernel_9, out_4, in_4 (shared by (4, 4)'s d_in and (8, 36)'s c_in): 16 + 32 + 18 + 8 + 8
+    expected = (16 + 4 + 8) + (4 + 1 + 1) + (16 + 32 + 18 + 8 + 8)
+    assert count_parameters(config, CONV_SHAPES, KERNELS) == module.num_parameters() == expected
+    assert sorted(module.axes.bases) == ["in_16", "in_4", "kernel_9", "out_4", "out_8"]
+    assert not hasattr(module.axes.groups[0], "factor_out")
+    deltas = randomised_deltas(module, CONV_SHAPES)
+    # the (8, 144) and (8, 36) convs are different shapes but share U_out: their ΔW share one column space
+    stacked = torch.cat([deltas[0], deltas[1], deltas[3]], dim=1)
+    assert torch.linalg.matrix_rank(stacked) <= 2
+    # gradients reach a shared basis from every shape that reads it
+    torch.stack([d.sum() for d in module()]).sum().backward()
+    assert module.axes.bases["out_8"].grad.abs().sum() > 0 and module.axes.bases["in_4"].grad.abs().sum() > 0
+
+
+def test_share_axes_needs_the_axes_layout_and_round_trips_through_the_file(tmp_path):
+    with pytest.raises(ValueError, match="share_axes shares the bases of the axes layout; set groups='shape'"):
+        SuperLoRAConfig(factorization="tucker", fold=3, groups=4, rank=2, share_axes=True)
+    assert "share_axes" not in axes_config().to_dict()  # files without it stay readable by older releases
+    pipe = tiny_pipeline()
+    config = axes_config(rank=2, kernel_axis=True, share_axes=True, target_modules="unet+conv+text")
+    add_random_adapter(pipe, config, std=0.1)
+    plain = tiny_pipeline()
+    add_random_adapter(plain, axes_config(rank=2, kernel_axis=True, target_modules="unet+conv+text"), std=0.1)
+    assert pipe.get_superlora_info()["num_parameters"] < plain.get_superlora_info()["num_parameters"]
+    adapted = generate(pipe)
+    pipe.save_superlora_weights(tmp_path / "a")
+    fresh = tiny_pipeline()
+    fresh.load_superlora_weights(tmp_path / "a")
+    assert torch.equal(generate(fresh), adapted)
+    assert fresh.get_superlora_info()["config"]["share_axes"] is True

@@ -252,6 +252,13 @@ def test_the_kernel_axis_methods_fit_their_budgets_through_the_trainer(quality, 
     assert adapter.config.kernel_axis and adapter.module.metadata["target_kernels"]
 
 
+def test_the_shared_bases_method_fits_the_smallest_budget_through_the_trainer(quality, tmp_path):
+    """axks_r1_ti: --share_axes reaches the trainer's adapter, and rank 1 over the conv slice fits in 1,500."""
+    adapter, _, _ = built(quality, tmp_path, "axks_r1_ti", targets="conv")
+    assert adapter.n_params == 1_131 + 128 <= 1_500
+    assert adapter.config.share_axes and adapter.config.kernel_axis
+
+
 def test_loraplus_reaches_the_trainer_and_the_rows(quality, tmp_path):
     job = dict(method="ax_r1_ti", subject="striped_star", seed=0, lr=3e-3, phase="final", targets="conv", text=True,
                steps=1500, prior_weight=1.0, ti_lr=5e-3)

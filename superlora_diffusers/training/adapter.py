@@ -34,7 +34,8 @@ def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0,
                                                kernels=kernels_for(targets) if kernels_for else None)
         return config, f"--param_budget {cfg.param_budget}: {why}: {describe(config)}"
     overrides = {k: getattr(cfg, k) for k in ("factorization", "rank", "alpha", "fold", "shuffle", "projection",
-                                              "projection_ratio", "kron_splits", "kron_factor", "kernel_axis")
+                                              "projection_ratio", "kron_splits", "kron_factor", "kernel_axis",
+                                              "share_axes")
                  if getattr(cfg, k) is not None}
     if cfg.groups is not None:
         overrides["groups"] = cfg.groups if cfg.groups in ("weight", "shape") else int(cfg.groups)
@@ -51,8 +52,7 @@ def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0,
 
 def describe(config: SuperLoRAConfig) -> str:
     parts = [config.factorization, f"rank={config.rank}", f"groups={config.groups}", f"fold={config.fold}"]
-    if config.kernel_axis:
-        parts.append("kernel_axis")
+    parts += [name for name in ("kernel_axis", "share_axes") if getattr(config, name)]
     if config.factorization == "kronecker":
         parts.append(f"kron_splits={config.kron_splits}")
     if config.shuffle:

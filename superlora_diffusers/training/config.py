@@ -82,6 +82,8 @@ class TrainingConfig:
                                 ADAPTER)
     kernel_axis: bool | None = option(None, "with --groups shape: a conv's kernel (k_h*k_w) is a Tucker axis of its "
                                       "own, not part of d_in (fewer parameters per rank on the ResNet convs)", ADAPTER)
+    share_axes: bool | None = option(None, "with --groups shape: one basis per axis length, shared by every shape "
+                                     "(each shape keeps only its core and layer factor: the smallest layouts)", ADAPTER)
     fold: int | None = option(None, "fold each group into an M-way tensor", ADAPTER)
     shuffle: bool | None = option(None, group=ADAPTER)
     projection: str | None = option(None, group=ADAPTER, choices=["none", "fastfood", "gaussian"])
