@@ -141,6 +141,16 @@ def test_flags_override_the_preset():
         adapter_config(bad, lambda targets: SD_LIKE)
 
 
+def test_axes_flags_reach_the_config_and_refuse_other_layouts():
+    base = ["--instance_data_dir", "d", "--instance_prompt", "p", "--superlora_preset", "tucker-axes"]
+    config, how = adapter_config(parse_args(base + ["--kernel_axis", "--share_axes"]), lambda targets: SD_LIKE)
+    assert config.groups == "shape" and config.kernel_axis and config.share_axes and "share_axes" in how
+    plain, _ = adapter_config(parse_args(base), lambda targets: SD_LIKE)
+    assert count_parameters(config, SD_LIKE) < count_parameters(plain, SD_LIKE)  # 320- and 640-wide bases shared
+    with pytest.raises(TrainingError, match="share_axes shares the bases of the axes layout"):
+        adapter_config(parse_args(base[:4] + ["--share_axes"]), lambda targets: SD_LIKE)
+
+
 def test_train_text_encoder_adds_the_text_encoder_to_the_targets():
     from superlora_diffusers.targets import TEXT_ENCODER_PATTERN
 
