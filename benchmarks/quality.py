@@ -132,11 +132,10 @@ METHODS: dict[str, dict] = {
     "axk_r4_ti": {**_s("SuperLoRA Tucker axes + kernel + TI", factorization="tucker", fold=3, groups="shape", rank=4,
                        kernel_axis=True), "ti": True},
     # bases shared across shapes by axis length (share_axes): a shape keeps only its core and layer factor, so rank 1
-    # fits in 1,131 + 128 (the <= 1.5k bar) and rank 4 in 5,969 + 128
-    "axks_r1_ti": {**_s("SuperLoRA Tucker axes, shared bases + TI", factorization="tucker", fold=3, groups="shape",
-                        rank=1, kernel_axis=True, share_axes=True), "ti": True},
-    "axks_r4_ti": {**_s("SuperLoRA Tucker axes, shared bases + TI", factorization="tucker", fold=3, groups="shape",
-                        rank=4, kernel_axis=True, share_axes=True), "ti": True},
+    # fits in 1,131 + 128 (the <= 1.5k bar), rank 2 in 2,374 + 128, rank 4 in 5,969 + 128 and rank 6 in 12,249 + 128
+    **{f"axks_r{r}_ti": {**_s("SuperLoRA Tucker axes, shared bases + TI", factorization="tucker", fold=3,
+                              groups="shape", rank=r, kernel_axis=True, share_axes=True), "ti": True}
+       for r in (1, 2, 4, 6)},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},
