@@ -42,6 +42,11 @@ LAYOUTS = {
     "ax_r1": dict(factorization="tucker", fold=3, groups="shape", rank=1),
     "ax_r2": dict(factorization="tucker", fold=3, groups="shape", rank=2),
     "ax_r4": dict(factorization="tucker", fold=3, groups="shape", rank=4),
+    "axk_r1": dict(factorization="tucker", fold=3, groups="shape", rank=1, kernel_axis=True),
+    "axk_r4": dict(factorization="tucker", fold=3, groups="shape", rank=4, kernel_axis=True),
+    "axks_r1": dict(factorization="tucker", fold=3, groups="shape", rank=1, kernel_axis=True, share_axes=True),
+    "axks_r4": dict(factorization="tucker", fold=3, groups="shape", rank=4, kernel_axis=True, share_axes=True),
+    "axks_r6": dict(factorization="tucker", fold=3, groups="shape", rank=6, kernel_axis=True, share_axes=True),
     "lora_r1": dict(factorization="lora", groups="weight", rank=1),
 }
 LAYER_TYPES = ("self-attention", "cross-attention", "resnet conv", "text encoder")
@@ -77,16 +82,33 @@ def svd_fit(targets: dict[str, torch.Tensor], rank: int) -> list[torch.Tensor]:
     return out
 
 
+def toy_kernels(names: list[str]) -> list[int]:
+    """k_h·k_w of each named target (the ΔW files hold convs flattened to (d_out, c_in·k·k)), from the toy's layers."""
+    from superlora_diffusers.targets import find_targets
+    from superlora_diffusers.toy import load_toy_pipeline
+
+    pipe = load_toy_pipeline()
+    known = {t.name: t.kernel_numel for t in find_targets({"unet": pipe.unet, "text_encoder": pipe.text_encoder},
+                                                          "unet+conv+text")}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise SystemExit(f"{missing[0]} is not a layer of the toy model, so its kernel size is unknown; fit the "
+                         "kernel-axis layouts only to ΔW files of the toy.")
+    return [known[n] for n in names]
+
+
 def gradient_fit(config: SuperLoRAConfig, targets: dict[str, torch.Tensor], steps: int = 1500,
-                 lrs: tuple[float, ...] = (3e-2, 1e-2, 3e-3), seed: int = 0) -> tuple[list[torch.Tensor], int]:
-    """The shipped module fitted to `targets` by Adam (one cosine run per rate, best kept); (ΔW, #params)."""
+                 lrs: tuple[float, ...] = (3e-2, 1e-2, 3e-3), seed: int = 0,
+                 kernels: list[int] | None = None) -> tuple[list[torch.Tensor], int]:
+    """The shipped module fitted to `targets` by Adam (one cosine run per rate, best kept); (ΔW, #params).
+    `kernels`: each target's k_h·k_w, for layouts with `kernel_axis`."""
     shapes = [tuple(t.shape) for t in targets.values()]
     flat = torch.cat([t.reshape(-1) for t in targets.values()])
     total = flat.pow(2).sum()
     best, best_loss, n_params = None, float("inf"), 0
     for lr in lrs:
         torch.manual_seed(seed)
-        module = SuperLoRA(config, shapes)
+        module = SuperLoRA(config, shapes, kernels)
         n_params = module.num_parameters()
         opt = torch.optim.Adam(module.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -117,9 +139,10 @@ def analyse(path: str, layouts: list[str], steps: int, lrs: tuple[float, ...] = 
     for rank in (1, 2, 4):
         out["fits"][f"svd_r{rank}"] = {"params": rank * sum(sum(t.shape) for t in targets.values()),
                                        "residual": residuals(svd_fit(targets, rank), targets)}
+    kernels = toy_kernels(list(targets)) if any(LAYOUTS[name].get("kernel_axis") for name in layouts) else None
     for name in layouts:
         t0 = time.time()
-        fit, n = gradient_fit(SuperLoRAConfig(**LAYOUTS[name]), targets, steps=steps, lrs=lrs)
+        fit, n = gradient_fit(SuperLoRAConfig(**LAYOUTS[name]), targets, steps=steps, lrs=lrs, kernels=kernels)
         out["fits"][name] = {"params": n, "residual": residuals(fit, targets), "seconds": round(time.time() - t0, 1)}
         print(f"{out['file']} {name:12s} {n:>7,} params  residual {out['fits'][name]['residual']['all']:.3f}", flush=True)
     return out

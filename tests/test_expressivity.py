@@ -57,6 +57,29 @@ def test_a_delta_the_layout_can_hold_is_fitted_to_zero_and_one_it_cannot_is_not(
     assert expressivity.residuals(cube, targets)["all"] > 0.5
 
 
+def test_the_shared_bases_layout_fits_a_delta_it_can_hold_given_the_kernels(expressivity):
+    """share_axes + kernel_axis: the conv (12, 27) is c_in 3 x a 3x3 kernel, its U_out shared with the attention's."""
+    torch.manual_seed(2)
+    from superlora_diffusers import SuperLoRA
+
+    kernels = [1, 1, 9, 1, 1]
+    config = SuperLoRAConfig(factorization="tucker", fold=3, groups="shape", rank=2, kernel_axis=True, share_axes=True)
+    source = SuperLoRA(config, SHAPES, kernels)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+        targets = {n: d * 0.01 for n, d in zip(NAMES, source())}
+    fit, n = expressivity.gradient_fit(config, targets, steps=300, lrs=(3e-2,), kernels=kernels)
+    assert n == source.num_parameters() and expressivity.residuals(fit, targets)["all"] < 0.02
+
+
 def test_layer_types_from_target_names(expressivity):
     assert [expressivity.layer_type(n) for n in NAMES] == [
         "self-attention", "cross-attention", "resnet conv", "text encoder", "text encoder"]
+
+
+def test_kernels_of_a_delta_file_come_from_the_toy_layers(expressivity):
+    names = ["unet.down_blocks.0.resnets.0.conv1", "text_encoder.encoder.layers.0.self_attn.q_proj"]
+    assert expressivity.toy_kernels(names) == [9, 1]
+    with pytest.raises(SystemExit, match="not a layer of the toy model"):
+        expressivity.toy_kernels(NAMES[:1])
