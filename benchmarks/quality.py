@@ -444,7 +444,7 @@ def run(args) -> None:
     if args.save_deltas:
         common["save_deltas"] = args.save_deltas
     common.update(loraplus(args))
-    seeds = SEEDS[:args.seeds]
+    seeds = SEEDS[args.first_seed:args.seeds]
     prio = {m: i for i, m in enumerate(methods)}
     tried: dict[str, list[float]] = {m: list(args.lr_grid) for m in methods}
     extensions = {m: 0 for m in methods}
@@ -764,6 +764,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--eval_steps", type=int, default=20)
     r.add_argument("--subjects", default=",".join(SUBJECTS))
     r.add_argument("--seeds", type=int, default=3, help="final runs on seeds 0..N-1 (0: the search alone)")
+    r.add_argument("--first_seed", type=int, default=0,
+                   help="skip the finals of seeds below this (e.g. 1: seeds 1..N-1, beside seed-0 runs made elsewhere)")
     r.add_argument("--search_seed", type=int, default=SEARCH_SEED,
                    help="training seed of the learning-rate search (0 makes search runs comparable, draw for draw, "
                         "with every method's seed-0 final on the first subject)")
