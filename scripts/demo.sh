@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent), then the main job on the embedded default base model, offline:
-# DreamBooth one shared SuperLoRA (the `tucker-axes` preset over the UNet's attention and ResNet convs and
-# CLIP's attention, with the identifier's embedding: 12,866 parameters) on the bundled images of one subject
+# DreamBooth one shared SuperLoRA (the `tucker-axes-shared` preset over the UNet's attention and ResNet convs and
+# CLIP's attention, with the identifier's embedding: 12,377 parameters) on the bundled images of one subject
 # and generate with it (validation grids and a last validation from the reloaded weights, all under $OUT).
 # The judge's scores are a separate command (below).
 set -euo pipefail
@@ -13,7 +13,7 @@ OUT=${OUT:-out/demo}
   --instance_data_dir examples/striped_star --instance_prompt "a photo of sks star" \
   --with_prior_preservation --class_prompt "a photo of a star" --class_data_dir "$OUT/class_images" \
   --num_class_images 24 --prior_loss_target base_model \
-  --superlora_preset tucker-axes --target_modules unet+conv --train_text_encoder \
+  --superlora_preset tucker-axes-shared --target_modules unet+conv --train_text_encoder \
   --train_text_encoder_ti --text_encoder_lr 5e-3 \
   --max_train_steps "${STEPS:-1500}" --learning_rate 3e-3 --train_batch_size 4 --random_flip \
   --validation_prompt "a photo of sks star" --validation_steps 500 --num_validation_images 4 \
