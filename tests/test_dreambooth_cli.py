@@ -86,13 +86,32 @@ def test_prior_preservation_needs_class_flags():
 @pytest.mark.parametrize("pivotal, budget, expected", [
     (False, 100_000, ("lora", "weight", 4)),  # LoRA r=4 (81,408 here) was measured best
     (False, 30_000, ("lora", "weight", 1)),   # without the embedding, per-weight r=1 beat the shared layouts
-    (True, 30_000, ("tucker", "shape", 1)),   # with it, the Tucker axes layout beat LoRA r=1
+    (True, 30_000, ("tucker", "shape", 6)),   # with it, the shared-bases axes layout beat every other
+    (True, 16_000, ("tucker", "shape", 1)),   # rank 6 with shared bases (16,808 here) does not fit: tucker-axes r=1
     (False, 10_000, ("tucker", "shape", 1)),  # 4,440 here; the cube G=12 (15,540) does not fit
 ])
 def test_param_budget_takes_the_best_measured_recipe_that_fits(pivotal, budget, expected):
     config, why = choose_config_for_budget(budget, SD_LIKE, pivotal=pivotal)
     assert (config.factorization, config.groups, config.rank) == expected and "measured recipe" in why
     assert count_parameters(config, SD_LIKE) <= budget
+
+
+def test_param_budget_takes_the_shared_bases_recipes_with_pivotal_tuning():
+    """On the toy's demo layers, with the embedding: rank 6 with shared bases where it fits, rank 4 where neither
+    it nor tucker-axes r=1 does; without the embedding they were not measured, so never taken."""
+    from superlora_diffusers.components import target_kernels, target_shapes
+    from superlora_diffusers.toy import load_toy_pipeline
+
+    pipe = load_toy_pipeline()
+    components, targets = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "unet+conv+text"
+    shapes, kernels = target_shapes(components, targets), target_kernels(components, targets)
+    config, why = choose_config_for_budget(15_000, shapes, pivotal=True, kernels=kernels)
+    assert (config.rank, config.share_axes, config.kernel_axis) == (6, True, True) and "tucker-axes-shared" in why
+    assert count_parameters(config, shapes, kernels) == 12_249
+    config, _ = choose_config_for_budget(8_000, shapes, pivotal=True, kernels=kernels)
+    assert (config.rank, config.share_axes) == (4, True) and count_parameters(config, shapes, kernels) == 5_969
+    config, _ = choose_config_for_budget(15_000, shapes, pivotal=False, kernels=kernels)
+    assert not config.share_axes
 
 
 def test_param_budget_takes_the_kernel_axis_recipe_below_the_axes_one():
