@@ -26,7 +26,8 @@ weights' real axes, as LyCORIS's `use_tucker` keeps a conv's kernel apart.
 reads the same U_out ("out_128"), every one with c_in = 128 the same U_in ("in_128"), every 3×3 kernel the
 same U_k. A shape then owns only its core and layer factor, so the parameters grow with the distinct axis
 lengths, not the distinct shapes (the toy's rank-1 kernel-axis layout: 3,109 -> 1,131). In a UNet the
-equal-width axes are mostly one feature space (a level's hidden channels), read by its convs and attention.
+equal-width axes are mostly one feature space (a level's hidden channels), read by its convs and attention;
+the text encoder's width is also the cross-attention K/V input, the space its outputs live in.
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def axis_parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape],
 def shared_bases(config: SuperLoRAConfig, groups: list[Group]) -> dict[str, tuple[int, int]]:
     """With `share_axes`: the shared basis names ("out_128", "in_64", "kernel_9") -> (length, rank), first-seen order."""
     out: dict[str, tuple[int, int]] = {}
-    for d_out, d_in, kernel in groups:
-        roles = [("out", d_out), ("in", d_in // kernel)] + ([("kernel", kernel)] if kernel > 1 else [])
-        for role, n in roles:
-            out.setdefault(f"{role}_{n}", (n, min(config.rank, n)))
+    for group in groups:
+        d_out, d_in, kernel = group
+        for name, n in zip(basis_names(group), (d_out, d_in // kernel, kernel)):
+            out.setdefault(name, (n, min(config.rank, n)))
     return out
 
 
