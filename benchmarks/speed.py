@@ -72,8 +72,8 @@ TRAIN_CONFIGS: dict[str, dict | None] = {
     "SuperLoRA lonkr K=3 G=1 r=4": dict(factorization="kronecker", groups=1, kron_splits=3, rank=4),
     "SuperLoRA Tucker axes r=8": dict(factorization="tucker", groups="shape", fold=3, rank=8),
     "SuperLoRA tucker-axes r=1 (the demo's preset)": dict(factorization="tucker", groups="shape", fold=3, rank=1),
-    "SuperLoRA tucker-axes r=6, kernel axis, shared bases": dict(factorization="tucker", groups="shape", fold=3,
-                                                                 rank=6, kernel_axis=True, share_axes=True),
+    "SuperLoRA tucker-axes-shared r=6 (kernel axis + shared bases)": dict(
+        factorization="tucker", groups="shape", fold=3, rank=6, kernel_axis=True, share_axes=True),
 }
 BASELINE = "peft LoRA r=4"
 INFERENCE_PRESET = "SuperLoRA lorta G=4 fold 3 r=4"  # the trainer's default preset
