@@ -85,7 +85,9 @@ def test_delta_is_generated_once_per_pipeline_call_and_per_training_forward(pipe
 @pytest.mark.parametrize("config", [
     SuperLoRAConfig.lora(rank=3, alpha=6, target_modules="unet+conv+text"),
     SuperLoRAConfig(factorization="tucker", fold=3, groups="shape", rank=3, target_modules="unet+conv+text"),
-], ids=["lora", "tucker-axes"])
+    SuperLoRAConfig(factorization="tucker", fold=3, groups="shape", rank=3, kernel_axis=True, share_axes=True,
+                    target_modules="unet+conv+text"),
+], ids=["lora", "tucker-axes", "tucker-axes-shared"])
 def test_factored_layouts_train_on_their_factors_exactly_as_through_dense_delta(pipe, config):
     """With autograd, the LoRA preset's layers compute x·Aᵀ·Bᵀ (peft's cost), and groups="shape" ones
     x·U_in·C_lᵀ·U_outᵀ: same outputs and gradients as W + ΔW, convs and CLIP included."""

@@ -285,7 +285,7 @@ def test_delta_is_generated_once_per_forward_and_cached_until_a_factor_changes()
     assert gen.generations == before + 3
 
 
-@pytest.mark.parametrize("preset", ["lora", "tucker-axes"])
+@pytest.mark.parametrize("preset", ["lora", "tucker-axes", "tucker-axes-shared"])
 def test_factored_presets_train_on_x_a_b_without_generating(preset):
     unet = tiny_pipeline().unet
     unet.add_adapter(config_from_preset(preset, rank=2), "star")
