@@ -118,20 +118,21 @@ def test_kernel_axis_needs_the_axes_layout():
     assert SuperLoRAConfig.from_dict(axes_config(kernel_axis=True).to_dict()).kernel_axis
 
 
-def test_kernel_axis_round_trips_through_the_file_on_conv_targets(tmp_path):
+@pytest.mark.parametrize("option, baseline", [("kernel_axis", {}), ("share_axes", {"kernel_axis": True})])
+def test_axes_options_shrink_the_adapter_and_round_trip_through_the_file(tmp_path, option, baseline):
+    """kernel_axis splits the convs' kernels off, share_axes shares the bases across shapes: fewer parameters,
+    and a saved file brings the option back (load, generate bit for bit)."""
     pipe = tiny_pipeline()
-    config = axes_config(rank=2, kernel_axis=True, target_modules="unet+conv")
-    add_random_adapter(pipe, config, std=0.1)
-    info = pipe.get_superlora_info()
+    add_random_adapter(pipe, axes_config(rank=2, **baseline, **{option: True}, target_modules="unet+conv+text"), std=0.1)
     plain = tiny_pipeline()
-    add_random_adapter(plain, axes_config(rank=2, target_modules="unet+conv"), std=0.1)
-    assert info["num_parameters"] < plain.get_superlora_info()["num_parameters"]  # the convs' kernels split off
+    add_random_adapter(plain, axes_config(rank=2, **baseline, target_modules="unet+conv+text"), std=0.1)
+    assert pipe.get_superlora_info()["num_parameters"] < plain.get_superlora_info()["num_parameters"]
     adapted = generate(pipe)
     pipe.save_superlora_weights(tmp_path / "a")
     fresh = tiny_pipeline()
     fresh.load_superlora_weights(tmp_path / "a")
     assert torch.equal(generate(fresh), adapted)
-    assert fresh.get_superlora_info()["config"]["kernel_axis"] is True
+    assert fresh.get_superlora_info()["config"][option] is True
 
 
 def test_share_axes_gives_each_axis_length_one_basis():
@@ -154,19 +155,7 @@ def test_share_axes_gives_each_axis_length_one_basis():
     assert module.axes.bases["out_8"].grad.abs().sum() > 0 and module.axes.bases["in_4"].grad.abs().sum() > 0
 
 
-def test_share_axes_needs_the_axes_layout_and_round_trips_through_the_file(tmp_path):
+def test_share_axes_needs_the_axes_layout():
     with pytest.raises(ValueError, match="share_axes shares the bases of the axes layout; set groups='shape'"):
         SuperLoRAConfig(factorization="tucker", fold=3, groups=4, rank=2, share_axes=True)
     assert "share_axes" not in axes_config().to_dict()  # files without it stay readable by older releases
-    pipe = tiny_pipeline()
-    config = axes_config(rank=2, kernel_axis=True, share_axes=True, target_modules="unet+conv+text")
-    add_random_adapter(pipe, config, std=0.1)
-    plain = tiny_pipeline()
-    add_random_adapter(plain, axes_config(rank=2, kernel_axis=True, target_modules="unet+conv+text"), std=0.1)
-    assert pipe.get_superlora_info()["num_parameters"] < plain.get_superlora_info()["num_parameters"]
-    adapted = generate(pipe)
-    pipe.save_superlora_weights(tmp_path / "a")
-    fresh = tiny_pipeline()
-    fresh.load_superlora_weights(tmp_path / "a")
-    assert torch.equal(generate(fresh), adapted)
-    assert fresh.get_superlora_info()["config"]["share_axes"] is True
