@@ -137,10 +137,13 @@ class AxisGroup(nn.Module):
         return torch.kron(bases[1], bases[2]), self.core.flatten(2)
 
     def low_rank(self, position: int, bases: Bases) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) with ΔW_l = B·A for the layer at `position` in this group: (d_out × r_i, r_i × d_in)."""
-        factor_in, core = self._in(bases)
-        core = torch.einsum("k,kab->ab", self.factor_layer[position], core) * self.gain
-        return bases[0] @ core, factor_in.T
+        """(B, A) with ΔW_l = B·A for the layer at `position` in this group: (d_out × r_i, r_i × d_in), or with
+        a kernel axis (U_out, core ×U_c ×U_k): r_o rows, never the r_i·r_k-column U_c ⊗ U_k, so a conv trains
+        through r_o channels and autograd keeps an (r_o × c_in·k) A, not the Kronecker basis."""
+        core = torch.einsum("k,k...->...", self.factor_layer[position], self.core) * self.gain
+        if core.dim() == 2:
+            return bases[0] @ core, bases[1].T
+        return bases[0], torch.einsum("oab,ca,kb->ock", core, bases[1], bases[2]).flatten(1)
 
     def forward(self, bases: Bases) -> torch.Tensor:
         """All ΔW of this shape, (L, d_out, d_in)."""
