@@ -136,6 +136,11 @@ METHODS: dict[str, dict] = {
     **{f"axks_r{r}_ti": {**_s("SuperLoRA Tucker axes, shared bases + TI", factorization="tucker", fold=3,
                               groups="shape", rank=r, kernel_axis=True, share_axes=True), "ti": True}
        for r in (1, 2, 4, 6)},
+    # the rank-6 shared layout (12,249 factor entries) trained in a random subspace: its factors are theta0 + F.v with v
+    # the one trainable vector, ceil(0.111 x 12,249) = 1,360 entries (+ 128: the <= 1.5k bar)
+    "axksp_r6_ti": {**_s("SuperLoRA Tucker axes, shared bases, projected + TI", factorization="tucker", fold=3,
+                         groups="shape", rank=6, kernel_axis=True, share_axes=True, projection="fastfood",
+                         projection_ratio=0.111), "ti": True},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},

@@ -33,11 +33,14 @@ the text encoder's width is also the cross-attention K/V input, the space its ou
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .config import SuperLoRAConfig
+from .layout import projected_size
+from .projection import build_projection
 
 Shape = tuple[int, int]
 
@@ -77,6 +80,8 @@ def axis_parameter_shapes(config: SuperLoRAConfig, shapes: list[Shape],
             out[f"axes.groups.{g}.factor_kernel"] = (kernel, ranks[3])
     if config.share_axes:
         out.update({f"axes.bases.{name}": shape for name, shape in shared_bases(config, list(groups)).items()})
+    if config.projection != "none":  # the factors are θ0 + F·v: only v is a parameter
+        return {"axes.vector": (projected_size(sum(math.prod(s) for s in out.values()), config.projection_ratio),)}
     return out
 
 
@@ -110,6 +115,14 @@ def _orthonormal(rows: int, cols: int) -> torch.Tensor:
 Bases = tuple[torch.Tensor, ...]  # (U_out, U_in) and, with a kernel axis, U_k
 
 
+class Factors(NamedTuple):
+    """One group's tensors: its core, its layer factor, and the bases it reads (its own or shared ones)."""
+
+    core: torch.Tensor
+    layer: torch.Tensor
+    bases: Bases
+
+
 class AxisGroup(nn.Module):
     """The Tucker factors of one shape's (L, d_out, d_in) stack of ΔW; the bases are its own unless shared."""
 
@@ -126,60 +139,92 @@ class AxisGroup(nn.Module):
                 self.factor_kernel = nn.Parameter(_orthonormal(kernel, ranks[3]))
         self.gain = config.scale * math.sqrt(layers * d_out / (3 * math.prod(ranks[2:]) * ranks[0]))
 
-    def own_bases(self) -> Bases:
-        kernel = (self.factor_kernel,) if self.core.dim() == 4 else ()
-        return (self.factor_out, self.factor_in) + kernel
-
-    def _in(self, bases: Bases) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U_in, core) with the kernel axis folded back: U_c ⊗ U_k (d_in × r_i·r_k), core (r_l, r_o, r_i·r_k)."""
-        if self.core.dim() == 3:
-            return bases[1], self.core
-        return torch.kron(bases[1], bases[2]), self.core.flatten(2)
-
-    def low_rank(self, position: int, bases: Bases) -> tuple[torch.Tensor, torch.Tensor]:
+    def low_rank(self, position: int, f: Factors) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) with ΔW_l = B·A for the layer at `position` in this group: (d_out × r_i, r_i × d_in), or with
         a kernel axis (U_out, core ×U_c ×U_k): r_o rows, never the r_i·r_k-column U_c ⊗ U_k, so a conv trains
         through r_o channels and autograd keeps an (r_o × c_in·k) A, not the Kronecker basis."""
-        core = torch.einsum("k,k...->...", self.factor_layer[position], self.core) * self.gain
+        core = torch.einsum("k,k...->...", f.layer[position], f.core) * self.gain
         if core.dim() == 2:
-            return bases[0] @ core, bases[1].T
-        return bases[0], torch.einsum("oab,ca,kb->ock", core, bases[1], bases[2]).flatten(1)
+            return f.bases[0] @ core, f.bases[1].T
+        return f.bases[0], torch.einsum("oab,ca,kb->ock", core, f.bases[1], f.bases[2]).flatten(1)
 
-    def forward(self, bases: Bases) -> torch.Tensor:
-        """All ΔW of this shape, (L, d_out, d_in)."""
-        factor_in, core = self._in(bases)
-        core = torch.einsum("lk,kab->lab", self.factor_layer, core) * self.gain
-        return torch.einsum("oa,lab,ib->loi", bases[0], core, factor_in)
+    def forward(self, f: Factors) -> torch.Tensor:
+        """All ΔW of this shape, (L, d_out, d_in); with a kernel axis U_in = U_c ⊗ U_k, core (r_l, r_o, r_i·r_k)."""
+        factor_in, core = (f.bases[1], f.core) if f.core.dim() == 3 else (torch.kron(f.bases[1], f.bases[2]),
+                                                                         f.core.flatten(2))
+        core = torch.einsum("lk,kab->lab", f.layer, core) * self.gain
+        return torch.einsum("oa,lab,ib->loi", f.bases[0], core, factor_in)
 
 
 class AxisTucker(nn.Module):
     """One `AxisGroup` per distinct shape (and, with `share_axes`, the bases they share); hands every weight
-    its ΔW (or its factors) in target order."""
+    its ΔW (or its factors) in target order.
+
+    With a `projection`, none of those tensors trains: they are θ0 + F·v, θ0 their initial values (drawn from
+    `projection_seed`, so a file needs only v), F the fixed random map of `projection.py` and v = `vector`
+    (ρ·N entries, zero at init) the one trainable tensor: training in a random ρ·N-dimensional subspace of
+    the layout's N factor entries (Li et al.'s intrinsic dimension; Uni-LoRA does it over LoRA's entries).
+    """
 
     def __init__(self, config: SuperLoRAConfig, shapes: list[Shape], kernels: list[int] | None = None) -> None:
         super().__init__()
         groups = shape_groups(shapes, kernel_list(config, kernels))
-        self.groups = nn.ModuleList(AxisGroup(config, len(members), group, own_bases=not config.share_axes)
-                                    for group, members in groups.items())
+        with torch.random.fork_rng(devices=[], enabled=config.projection != "none"):
+            if config.projection != "none":  # θ0 must be the same wherever the file is loaded
+                torch.manual_seed(config.projection_seed)
+            self.groups = nn.ModuleList(AxisGroup(config, len(members), group, own_bases=not config.share_axes)
+                                        for group, members in groups.items())
+            if config.share_axes:
+                self.bases = nn.ParameterDict({name: nn.Parameter(_orthonormal(n, rank))
+                                               for name, (n, rank) in shared_bases(config, list(groups)).items()})
         self.basis_names = [basis_names(group) for group in groups] if config.share_axes else None
-        if config.share_axes:
-            self.bases = nn.ParameterDict({name: nn.Parameter(_orthonormal(n, rank))
-                                           for name, (n, rank) in shared_bases(config, list(groups)).items()})
+        self.vector = self._project(config) if config.projection != "none" else None
         # weight index -> (group, position in that group's layer axis)
         self.slots = [(0, 0)] * len(shapes)
         for g, members in enumerate(groups.values()):
             for position, weight in enumerate(members):
                 self.slots[weight] = (g, position)
 
-    def _bases(self, group: int) -> Bases:
-        if self.basis_names is None:
-            return self.groups[group].own_bases()
-        return tuple(self.bases[name] for name in self.basis_names[group])
+    def _project(self, config: SuperLoRAConfig) -> nn.Parameter:
+        """Turn every factor into a slice of θ0 (a buffer, regenerated, never stored) and return v."""
+        named = list(self.named_parameters())
+        self.projected = [(name, p.shape) for name, p in named]
+        self.register_buffer("theta0", torch.cat([p.detach().reshape(-1) for _, p in named]), persistent=False)
+        for name, _ in self.projected:
+            owner, attr = name.rsplit(".", 1)
+            module = self.get_submodule(owner)
+            if isinstance(module, nn.ParameterDict):
+                del module[attr]
+            else:
+                delattr(module, attr)
+        total = self.theta0.numel()
+        self.lift = build_projection(config.projection, projected_size(total, config.projection_ratio), total,
+                                     config.projection_seed)
+        return nn.Parameter(torch.zeros(projected_size(total, config.projection_ratio)))
 
-    def low_rank(self, weight: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> list[Factors]:
+        """Every group's tensors: the parameters themselves, or θ0 + F·v sliced once for all groups."""
+        if self.vector is None:
+            tensors = dict(self.named_parameters())
+        else:
+            flat = self.theta0 + self.lift(self.vector[None])[0]
+            pieces = flat.split([shape.numel() for _, shape in self.projected])
+            tensors = {name: t.view(shape) for (name, shape), t in zip(self.projected, pieces)}
+        out = []
+        for g in range(len(self.groups)):
+            if self.basis_names is None:
+                bases = tuple(tensors[f"groups.{g}.{n}"] for n in ("factor_out", "factor_in", "factor_kernel")
+                              if f"groups.{g}.{n}" in tensors)
+            else:
+                bases = tuple(tensors[f"bases.{name}"] for name in self.basis_names[g])
+            out.append(Factors(tensors[f"groups.{g}.core"], tensors[f"groups.{g}.factor_layer"], bases))
+        return out
+
+    def low_rank(self, weight: int, factors: list[Factors] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         group, position = self.slots[weight]
-        return self.groups[group].low_rank(position, self._bases(group))
+        return self.groups[group].low_rank(position, (factors or self.factors())[group])
 
-    def forward(self) -> list[torch.Tensor]:
-        stacks = [group(self._bases(g)) for g, group in enumerate(self.groups)]
+    def forward(self, factors: list[Factors] | None = None) -> list[torch.Tensor]:
+        factors = factors or self.factors()
+        stacks = [group(factors[g]) for g, group in enumerate(self.groups)]
         return [stacks[g][position] for g, position in self.slots]

@@ -51,7 +51,8 @@ class SuperLoRAConfig(PeftConfig):
         fold_shape: explicit mode sizes (product >= chunk size) instead of equal sizes; needs integer groups.
         shuffle: apply one fixed random permutation to the super-vector before grouping.
         shuffle_seed: seed of that permutation (the permutation is regenerated, never stored).
-        projection: fixed random map lifting the factors' ρ·N_g entries to N_g ("none" needs ratio 1).
+        projection: fixed random map lifting the factors' ρ·N_g entries to N_g ("none" needs ratio 1); with
+            groups="shape", it lifts one trainable vector of ρ·N entries to the layout's N factor entries.
         projection_ratio: ρ in (0, 1].
         projection_seed: seed of the projection (regenerated, never stored).
         kron_splits: number K of Kronecker factors (2 = LoKr, >= 3 = LoNKr).
@@ -165,8 +166,8 @@ class SuperLoRAConfig(PeftConfig):
                 f"groups='shape' is a Tucker over (layer, d_out, d_in): set factorization='tucker' and fold=3 "
                 f"(got factorization={self.factorization!r}, fold={self.fold})."
             )
-        if self.shuffle or self.projection != "none" or self.fold_shape is not None:
-            raise ValueError("groups='shape' keeps the weights' own axes: turn off shuffle, projection and fold_shape.")
+        if self.shuffle or self.fold_shape is not None:
+            raise ValueError("groups='shape' keeps the weights' own axes: turn off shuffle and fold_shape.")
 
     # --- serialisation (the config lives in file metadata) -------------------------------------------
     @classmethod

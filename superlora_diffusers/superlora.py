@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .axes import AxisTucker, axis_parameter_shapes
+from .axes import AxisTucker, Factors, axis_parameter_shapes
 from .config import SuperLoRAConfig
 from .factorization import ChunkFactors, chunk_numel, factor_shapes
 from .layout import Block, Layout, Shape, Unshuffle, row_positions, row_segments, shuffle_index, unshuffle_indices
@@ -70,15 +70,16 @@ class SuperLoRA(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def zero_initialised(self) -> list[nn.Parameter]:
-        """The tensors that start at zero (LoRA's B, the Tucker cores): LoRA+ trains them at their own rate."""
+        """The tensors that start at zero (LoRA's B, the Tucker cores): LoRA+ trains them at their own rate.
+        None in a projected axes layout: its one vector v moves every factor at once."""
         if self.config.groups == "shape":
-            return [group.core for group in self.axes.groups]
+            return [] if self.axes.vector is not None else [group.core for group in self.axes.groups]
         return [getattr(factors, factors.zero_name) for factors in self.blocks]
 
     def forward(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """All ΔW, one (d_out, d_in) tensor per shape, in `dtype` (default: the factors' dtype)."""
         if self.config.groups == "shape":
-            return [delta if dtype is None else delta.to(dtype) for delta in self.axes()]
+            return [delta if dtype is None else delta.to(dtype) for delta in self.axes(self.axis_factors())]
         rows = [self._rows(factors, projection, block)
                 for factors, projection, block in zip(self.blocks, self.projections, self.layout.blocks)]
         if self.config.shuffle:  # the gather index points past every surplus: nothing to trim first
@@ -107,7 +108,7 @@ class SuperLoRA(nn.Module):
         `groups="shape"` always has such factors (U_out·C_l·γ, U_inᵀ).
         """
         if self.config.groups == "shape":
-            return self.axes.low_rank(weight)
+            return self.axes.low_rank(weight, self.axis_factors())
         slot = self.low_rank_slots[weight]
         if slot is None:
             return None
@@ -115,6 +116,10 @@ class SuperLoRA(nn.Module):
         factors = self.blocks[block]
         b = factors.lora_B[chunk]
         return (b * factors.scale if factors.scale != 1 else b), factors.lora_A[chunk]
+
+    def axis_factors(self) -> list[Factors]:
+        """The axes layout's tensors for one use (with a projection, θ0 + F·v: what a generator caches per forward)."""
+        return self.axes.factors()
 
     def _rows(self, factors: ChunkFactors, projection: nn.Module, block: Block) -> torch.Tensor:
         """One block's chunks, flattened row after row, surplus entries included (operations 5 then 4)."""

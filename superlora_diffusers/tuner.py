@@ -45,6 +45,7 @@ class _Cache:
     """Plain-Python bookkeeping of a generator (kept off the module so it is never a submodule or a buffer)."""
 
     deltas: list[torch.Tensor] | None = None
+    factors: list | None = None  # the axes layout's tensors (a projected one computes them from v)
     key: tuple | None = None  # the factors' state the cached deltas were generated from (eager inference)
     inside: bool = False  # a forward of the owning model is running
     readers: int = 0  # tuner layers holding this generator
@@ -122,12 +123,24 @@ class SharedGenerator(SuperLoRA):
             cache.deltas = deltas
         return deltas
 
+    def axis_factors(self) -> list:
+        """The axes layout's tensors, computed at most once per forward of the owner, as ΔW is."""
+        cache = self.cache
+        if not cache.inside:
+            self._refresh()
+        if cache.factors is not None:
+            return cache.factors
+        factors = super().axis_factors()
+        if cache.inside or not torch.is_grad_enabled():
+            cache.factors = factors
+        return factors
+
     def state_key(self) -> tuple:
         """What the cached ΔW depends on: `changes` and every factor's in-place version (optimiser steps, copies)."""
         return (self.changes, tuple(p._version for p in self.parameters()))
 
     def invalidate(self) -> None:
-        self.cache.deltas, self.cache.key = None, None
+        self.cache.deltas, self.cache.factors, self.cache.key = None, None, None
 
     def _refresh(self) -> None:
         """Drop the cache unless this is eager inference and no factor changed since it was filled."""
@@ -136,7 +149,7 @@ class SharedGenerator(SuperLoRA):
             return
         key = self.state_key()
         if key != self.cache.key:
-            self.cache.deltas, self.cache.key = None, key
+            self.cache.deltas, self.cache.factors, self.cache.key = None, None, key
 
     def _begin(self, module: nn.Module, args: tuple) -> None:
         if not _compiling() and self._orphaned():
@@ -155,7 +168,7 @@ class SharedGenerator(SuperLoRA):
     def _end(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.cache.inside = False
         if _compiling() or torch.is_grad_enabled():  # free the autograd graph; a compiled graph keeps nothing
-            self.cache.deltas = None
+            self.cache.deltas = self.cache.factors = None
 
     def _apply(self, fn: Callable, recurse: bool = True) -> "SharedGenerator":
         self.changes += 1  # .to() / .half() replace the factors' storage

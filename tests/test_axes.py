@@ -70,7 +70,7 @@ def test_gain_makes_one_core_step_as_large_as_a_lora_step():
 
 
 @pytest.mark.parametrize("kw", [dict(factorization="lora", fold=2), dict(fold=4), dict(shuffle=True),
-                                dict(projection="gaussian", projection_ratio=0.5)])
+                                dict(fold_shape=(2, 2, 2))])
 def test_config_refuses_what_would_fold_or_mix_the_axes(kw):
     args = {"factorization": "tucker", "fold": 3, "groups": "shape", "rank": 2, **kw}
     with pytest.raises(ValueError, match="groups='shape'"):
@@ -101,8 +101,8 @@ def test_kernel_axis_factors_a_convs_kernel_apart():
     expected = (16 + 4 + 16 + 32 + 18) + (1 * 2 * 2 + 1 + 8 + 8) + (8 + 1 + 16 + 8 + 18)
     assert count_parameters(config, CONV_SHAPES, KERNELS) == module.num_parameters() == expected
     assert count_parameters(axes_config(rank=2), CONV_SHAPES, KERNELS) == count_parameters(axes_config(rank=2), CONV_SHAPES)
-    group = module.axes.groups[0]
-    u_in, _ = group._in(group.own_bases())
+    group, factors = module.axes.groups[0], module.axes.factors()[0]
+    u_in = torch.kron(factors.bases[1], factors.bases[2])
     torch.testing.assert_close(u_in.T @ u_in, torch.eye(4), atol=1e-5, rtol=0)
     deltas = randomised_deltas(module, CONV_SHAPES)
     # the flattened d_in is (c_in, k_h·k_w) row-major, as a conv weight (d_out, c_in, k_h, k_w) flattens
@@ -159,3 +159,60 @@ def test_share_axes_needs_the_axes_layout():
     with pytest.raises(ValueError, match="share_axes shares the bases of the axes layout; set groups='shape'"):
         SuperLoRAConfig(factorization="tucker", fold=3, groups=4, rank=2, share_axes=True)
     assert "share_axes" not in axes_config().to_dict()  # files without it stay readable by older releases
+
+
+def projected_config(**kw) -> SuperLoRAConfig:
+    return axes_config(rank=2, kernel_axis=True, share_axes=True, projection="fastfood", projection_ratio=0.25, **kw)
+
+
+def test_projection_trains_one_vector_that_moves_every_factor():
+    """With a projection the factors are θ0 + F·v: v (ρ·N entries) is the one parameter; θ0 and F come from
+    projection_seed alone, so two builds under different global seeds agree and a file needs only v."""
+    config = projected_config()
+    plain = count_parameters(axes_config(rank=2, kernel_axis=True, share_axes=True), CONV_SHAPES, KERNELS)
+    torch.manual_seed(1)
+    module = SuperLoRA(config, CONV_SHAPES, KERNELS)
+    assert [name for name, _ in module.named_parameters()] == ["axes.vector"]
+    assert count_parameters(config, CONV_SHAPES, KERNELS) == module.num_parameters() == math.ceil(plain / 4)
+    assert module.zero_initialised() == []  # no zero-initialised factor for LoRA+ to single out
+    torch.manual_seed(2)
+    again = SuperLoRA(config, CONV_SHAPES, KERNELS)
+    assert torch.equal(again.axes.theta0, module.axes.theta0) and "axes.theta0" not in module.state_dict()
+    deltas = randomised_deltas(module, CONV_SHAPES)  # ΔW = 0 at init; each layer's (B, A) gives its ΔW
+    again.load_state_dict(module.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again(), deltas))
+    # v spans every factor: cores, layer factors and the shared bases all left θ0 (a fresh build, v = 0)
+    for f, f0 in zip(module.axes.factors(), SuperLoRA(config, CONV_SHAPES, KERNELS).axes.factors()):
+        assert f0.core.abs().max() == 0 and f.core.abs().min() > 0
+        assert not torch.equal(f.layer, f0.layer) and not any(torch.equal(b, b0) for b, b0 in zip(f.bases, f0.bases))
+    torch.stack([d.sum() for d in module()]).sum().backward()
+    assert module.axes.vector.grad.abs().sum() > 0
+
+
+def test_projected_adapter_round_trips_through_a_file_of_v_alone(tmp_path):
+    pipe = tiny_pipeline()
+    add_random_adapter(pipe, projected_config(target_modules="unet+conv+text"), std=0.1)
+    adapted = generate(pipe)
+    pipe.save_superlora_weights(tmp_path / "a")
+    fresh = tiny_pipeline()
+    fresh.load_superlora_weights(tmp_path / "a")
+    assert torch.equal(generate(fresh), adapted)
+    info = fresh.get_superlora_info()
+    assert info["config"]["projection"] == "fastfood" and info["config"]["share_axes"] is True
+    import safetensors.torch
+
+    stored = safetensors.torch.load_file(str(tmp_path / "a" / "superlora_weights.safetensors"))
+    assert [k.rsplit(".", 1)[-1] for k in stored] == ["vector"]  # the file holds v; θ0 and F are regenerated
+
+
+def test_projected_factors_are_computed_once_per_training_forward():
+    """Every adapted layer reads θ0 + F·v: computed once per forward of the model (as ΔW is), not per layer."""
+    pipe = tiny_pipeline()
+    model = add_random_adapter(pipe, projected_config(target_modules="unet+conv"), std=0.1)
+    calls, factors = [], model.axes.factors
+    model.axes.factors = lambda: calls.append(1) or factors()
+    sample, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+    loss = pipe.unet(sample, 10, hidden).sample.square().mean() + pipe.unet(sample, 20, hidden).sample.square().mean()
+    assert len(calls) == 2
+    loss.backward()
+    assert model.axes.vector.grad.abs().sum() > 0

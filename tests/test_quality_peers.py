@@ -259,6 +259,17 @@ def test_the_shared_bases_method_fits_the_smallest_budget_through_the_trainer(qu
     assert adapter.config.share_axes and adapter.config.kernel_axis
 
 
+def test_the_projected_shared_method_trains_one_vector_under_the_smallest_budget(quality, tmp_path):
+    """axksp_r6_ti: --projection reaches the axes layout through the trainer: 1,360 + 128 trainable entries for the
+    rank-6 layout's 12,249; LoRA+ has no zero-initialised factor to single out there, and says so."""
+    adapter, _, _ = built(quality, tmp_path, "axksp_r6_ti", targets="conv")
+    assert adapter.n_params == 1_360 + 128 <= 1_500
+    assert adapter.config.projection == "fastfood" and adapter.config.share_axes
+    assert [p.numel() for g in adapter.param_groups(3e-3, 5e-3) for p in g["params"]] == [1_360, 128]
+    with pytest.raises(TrainingError, match="--loraplus_lr_ratio needs a zero-initialised factor"):
+        adapter.param_groups(3e-3, 5e-3, 4.0)
+
+
 def test_loraplus_reaches_the_trainer_and_the_rows(quality, tmp_path):
     job = dict(method="ax_r1_ti", subject="striped_star", seed=0, lr=3e-3, phase="final", targets="conv", text=True,
                steps=1500, prior_weight=1.0, ti_lr=5e-3)

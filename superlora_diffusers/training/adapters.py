@@ -61,6 +61,9 @@ class SuperLoRAAdapter:
         """The factors at `lr`, the zero-initialised ones at `lr * zero_ratio` (LoRA+), the embedding at `ti_lr`."""
         token_params = list(self.module.tokens.parameters()) if self.config.token is not None else []
         zero = self.module.zero_initialised() if zero_ratio != 1 else []
+        if zero_ratio != 1 and not zero:
+            raise TrainingError("--loraplus_lr_ratio needs a zero-initialised factor; a projected axes layout trains one "
+                                "vector that moves every factor: drop --loraplus_lr_ratio or --projection.")
         special = {id(p) for p in token_params + zero}
         groups = [{"params": [p for p in self.module.parameters() if p.requires_grad and id(p) not in special],
                    "lr": lr}]
