@@ -141,6 +141,11 @@ METHODS: dict[str, dict] = {
     "axksp_r6_ti": {**_s("SuperLoRA Tucker axes, shared bases, projected + TI", factorization="tucker", fold=3,
                          groups="shape", rank=6, kernel_axis=True, share_axes=True, projection="fastfood",
                          projection_ratio=0.111), "ti": True},
+    # the same with other random subspaces (theta0 and F drawn from projection_seed): how much rests on the draw
+    **{f"axksp_r6_ti_ps{k}": {**_s("SuperLoRA Tucker axes, shared bases, projected + TI", factorization="tucker",
+                                   fold=3, groups="shape", rank=6, kernel_axis=True, share_axes=True,
+                                   projection="fastfood", projection_ratio=0.111, projection_seed=k), "ti": True}
+       for k in (1, 2)},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},

@@ -268,6 +268,9 @@ def test_the_projected_shared_method_trains_one_vector_under_the_smallest_budget
     assert [p.numel() for g in adapter.param_groups(3e-3, 5e-3) for p in g["params"]] == [1_360, 128]
     with pytest.raises(TrainingError, match="--loraplus_lr_ratio needs a zero-initialised factor"):
         adapter.param_groups(3e-3, 5e-3, 4.0)
+    other, _, _ = built(quality, tmp_path, "axksp_r6_ti_ps1", targets="conv")  # --projection_seed: another subspace
+    assert other.config.projection_seed == 1 and other.n_params == adapter.n_params
+    assert not torch.equal(other.module.axes.theta0, adapter.module.axes.theta0)
 
 
 def test_loraplus_reaches_the_trainer_and_the_rows(quality, tmp_path):

@@ -35,7 +35,7 @@ def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0,
         return config, f"--param_budget {cfg.param_budget}: {why}: {describe(config)}"
     overrides = {k: getattr(cfg, k) for k in ("factorization", "rank", "alpha", "fold", "shuffle", "projection",
                                               "projection_ratio", "kron_splits", "kron_factor", "kernel_axis",
-                                              "share_axes")
+                                              "share_axes", "projection_seed")
                  if getattr(cfg, k) is not None}
     if cfg.groups is not None:
         overrides["groups"] = cfg.groups if cfg.groups in ("weight", "shape") else int(cfg.groups)

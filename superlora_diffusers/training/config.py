@@ -88,6 +88,8 @@ class TrainingConfig:
     shuffle: bool | None = option(None, group=ADAPTER)
     projection: str | None = option(None, group=ADAPTER, choices=["none", "fastfood", "gaussian"])
     projection_ratio: float | None = option(None, group=ADAPTER)
+    projection_seed: int | None = option(None, "seed of the fixed random projection (and, in the axes layout, of the "
+                                         "factors' starting point θ0); regenerated from the file, never stored", ADAPTER)
     kron_splits: int | None = option(None, group=ADAPTER)
     kron_factor: int | None = option(None, group=ADAPTER)
     target_modules: str | None = option(None, "preset ('unet', 'unet-cross', 'unet+conv' [adds the ResNet convs, "
