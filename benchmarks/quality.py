@@ -137,15 +137,13 @@ METHODS: dict[str, dict] = {
                               groups="shape", rank=r, kernel_axis=True, share_axes=True), "ti": True}
        for r in (1, 2, 4, 6)},
     # the rank-6 shared layout (12,249 factor entries) trained in a random subspace: its factors are theta0 + F.v with v
-    # the one trainable vector, ceil(0.111 x 12,249) = 1,360 entries (+ 128: the <= 1.5k bar)
-    "axksp_r6_ti": {**_s("SuperLoRA Tucker axes, shared bases, projected + TI", factorization="tucker", fold=3,
-                         groups="shape", rank=6, kernel_axis=True, share_axes=True, projection="fastfood",
-                         projection_ratio=0.111), "ti": True},
-    # the same with other random subspaces (theta0 and F drawn from projection_seed): how much rests on the draw
-    **{f"axksp_r6_ti_ps{k}": {**_s("SuperLoRA Tucker axes, shared bases, projected + TI", factorization="tucker",
-                                   fold=3, groups="shape", rank=6, kernel_axis=True, share_axes=True,
-                                   projection="fastfood", projection_ratio=0.111, projection_seed=k), "ti": True}
-       for k in (1, 2)},
+    # the one trainable vector, ceil(0.111 x 12,249) = 1,360 entries (+ 128: the <= 1.5k bar); _ps1/_ps2: other
+    # subspaces (theta0 and F drawn from projection_seed), to see how much rests on the draw
+    **{"axksp_r6_ti" + (f"_ps{k}" if k else ""): {
+        **_s("SuperLoRA Tucker axes, shared bases, projected + TI", factorization="tucker", fold=3, groups="shape",
+             rank=6, kernel_axis=True, share_axes=True, projection="fastfood", projection_ratio=0.111,
+             projection_seed=k), "ti": True}
+       for k in (0, 1, 2)},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},

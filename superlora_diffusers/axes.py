@@ -169,8 +169,9 @@ class AxisTucker(nn.Module):
     def __init__(self, config: SuperLoRAConfig, shapes: list[Shape], kernels: list[int] | None = None) -> None:
         super().__init__()
         groups = shape_groups(shapes, kernel_list(config, kernels))
-        with torch.random.fork_rng(devices=[], enabled=config.projection != "none"):
-            if config.projection != "none":  # θ0 must be the same wherever the file is loaded
+        projected = config.projection != "none"
+        with torch.random.fork_rng(devices=[], enabled=projected):
+            if projected:  # θ0 must be the same wherever the file is loaded
                 torch.manual_seed(config.projection_seed)
             self.groups = nn.ModuleList(AxisGroup(config, len(members), group, own_bases=not config.share_axes)
                                         for group, members in groups.items())
@@ -178,7 +179,7 @@ class AxisTucker(nn.Module):
                 self.bases = nn.ParameterDict({name: nn.Parameter(_orthonormal(n, rank))
                                                for name, (n, rank) in shared_bases(config, list(groups)).items()})
         self.basis_names = [basis_names(group) for group in groups] if config.share_axes else None
-        self.vector = self._project(config) if config.projection != "none" else None
+        self.vector = self._project(config) if projected else None
         # weight index -> (group, position in that group's layer axis)
         self.slots = [(0, 0)] * len(shapes)
         for g, members in enumerate(groups.values()):

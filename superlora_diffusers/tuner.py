@@ -111,29 +111,28 @@ class SharedGenerator(SuperLoRA):
     # -- the once-per-forward ΔW --
     def deltas(self) -> list[torch.Tensor]:
         """Every ΔW (alpha/rank applied), generated at most once per forward of the owner."""
+        return self._once_per_forward("deltas", self._generate)
+
+    def axis_factors(self) -> list:
+        """The axes layout's tensors (a projected one's θ0 + F·v), computed at most once per forward, as ΔW is."""
+        return self._once_per_forward("factors", super().axis_factors)
+
+    def _generate(self) -> list[torch.Tensor]:
+        if not _compiling():  # a Python counter bumped inside a graph would recompile it every call
+            self.generations += 1
+        return self()
+
+    def _once_per_forward(self, name: str, make: Callable[[], list]) -> list:
+        """`cache.<name>`, made by `make()` unless this forward (or unchanged eager inference) already made it."""
         cache = self.cache
         if not cache.inside:  # a layer called on its own: no owner forward validated the cache
             self._refresh()
-        if cache.deltas is not None:
-            return cache.deltas
-        deltas = self()
-        if not _compiling():  # a Python counter bumped inside a graph would recompile it every call
-            self.generations += 1
-        if cache.inside or not torch.is_grad_enabled():
-            cache.deltas = deltas
-        return deltas
-
-    def axis_factors(self) -> list:
-        """The axes layout's tensors, computed at most once per forward of the owner, as ΔW is."""
-        cache = self.cache
-        if not cache.inside:
-            self._refresh()
-        if cache.factors is not None:
-            return cache.factors
-        factors = super().axis_factors()
-        if cache.inside or not torch.is_grad_enabled():
-            cache.factors = factors
-        return factors
+        value = getattr(cache, name)
+        if value is None:
+            value = make()
+            if cache.inside or not torch.is_grad_enabled():
+                setattr(cache, name, value)
+        return value
 
     def state_key(self) -> tuple:
         """What the cached ΔW depends on: `changes` and every factor's in-place version (optimiser steps, copies)."""
