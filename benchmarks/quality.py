@@ -144,6 +144,14 @@ METHODS: dict[str, dict] = {
              rank=6, kernel_axis=True, share_axes=True, projection="fastfood", projection_ratio=0.111,
              projection_seed=k), "ti": True}
        for k in (0, 1, 2)},
+    # the same 1,360-entry vector over smaller layouts, so a subspace keeps more of the layout's directions: the shared
+    # layout at rank 4 (5,969 entries, 4.4x fewer trained) and rank 2 (2,374, 1.7x), and the per-shape kernel-axis
+    # layout at rank 1 (3,109, 2.3x: the smallest layout that learns, 0.245 at 3,237) and rank 2 (6,330, 4.7x)
+    **{name: {**_s("SuperLoRA Tucker axes" + (", shared bases" if shared else " + kernel") + ", projected + TI",
+                   factorization="tucker", fold=3, groups="shape", rank=r, kernel_axis=True, share_axes=shared,
+                   projection="fastfood", projection_ratio=round(1360 / n, 5)), "ti": True}
+       for name, r, shared, n in (("axksp_r4_ti", 4, True, 5969), ("axksp_r2_ti", 2, True, 2374),
+                                  ("axkp_r1_ti", 1, False, 3109), ("axkp_r2_ti", 2, False, 6330))},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},
