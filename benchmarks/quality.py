@@ -132,10 +132,12 @@ METHODS: dict[str, dict] = {
     "axk_r4_ti": {**_s("SuperLoRA Tucker axes + kernel + TI", factorization="tucker", fold=3, groups="shape", rank=4,
                        kernel_axis=True), "ti": True},
     # bases shared across shapes by axis length (share_axes): a shape keeps only its core and layer factor, so rank 1
-    # fits in 1,131 + 128 (the <= 1.5k bar), rank 2 in 2,374 + 128, rank 4 in 5,969 + 128 and rank 6 in 12,249 + 128
+    # fits in 1,131 + 128 (the <= 1.5k bar), rank 2 in 2,374 + 128, rank 4 in 5,969 + 128 and rank 6 in 12,249 + 128;
+    # on the attention + text slice (no convs, so no kernel axis) rank 6 is 4,320 + 128 (the peers' 5k) and rank 12
+    # 13,320 + 128 (ax_r10_ti's 13,200, the peers' 15k)
     **{f"axks_r{r}_ti": {**_s("SuperLoRA Tucker axes, shared bases + TI", factorization="tucker", fold=3,
                               groups="shape", rank=r, kernel_axis=True, share_axes=True), "ti": True}
-       for r in (1, 2, 4, 6)},
+       for r in (1, 2, 4, 6, 12)},
     # the rank-6 shared layout (12,249 factor entries) trained in a random subspace: its factors are theta0 + F.v with v
     # the one trainable vector, ceil(0.111 x 12,249) = 1,360 entries (+ 128: the <= 1.5k bar); _ps1/_ps2: other
     # subspaces (theta0 and F drawn from projection_seed), to see how much rests on the draw
