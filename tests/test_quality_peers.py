@@ -273,6 +273,15 @@ def test_the_projected_shared_method_trains_one_vector_under_the_smallest_budget
     assert not torch.equal(other.module.axes.theta0, adapter.module.axes.theta0)
 
 
+@pytest.mark.parametrize("method, rank, shared, n", [("axksp_r4_ti", 4, True, 1_360), ("axksp_r2_ti", 2, True, 1_360),
+                                                      ("axkp_r1_ti", 1, False, 1_361), ("axkp_r2_ti", 2, False, 1_361)])
+def test_smaller_projected_layouts_train_the_same_vector_size(quality, tmp_path, method, rank, shared, n):
+    """The <= 1.5k candidates differ only in the layout the 1,360-entry vector spans, not in what trains."""
+    adapter, _, _ = built(quality, tmp_path, method, targets="conv")
+    assert (adapter.config.rank, adapter.config.share_axes, adapter.config.kernel_axis) == (rank, shared, True)
+    assert [p.numel() for g in adapter.param_groups(3e-3, 5e-3) for p in g["params"]] == [n, 128]
+
+
 def test_loraplus_reaches_the_trainer_and_the_rows(quality, tmp_path):
     job = dict(method="ax_r1_ti", subject="striped_star", seed=0, lr=3e-3, phase="final", targets="conv", text=True,
                steps=1500, prior_weight=1.0, ti_lr=5e-3)
