@@ -138,22 +138,19 @@ METHODS: dict[str, dict] = {
     **{f"axks_r{r}_ti": {**_s("SuperLoRA Tucker axes, shared bases + TI", factorization="tucker", fold=3,
                               groups="shape", rank=r, kernel_axis=True, share_axes=True), "ti": True}
        for r in (1, 2, 4, 6, 12)},
-    # the rank-6 shared layout (12,249 factor entries) trained in a random subspace: its factors are theta0 + F.v with v
-    # the one trainable vector, ceil(0.111 x 12,249) = 1,360 entries (+ 128: the <= 1.5k bar); _ps1/_ps2: other
-    # subspaces (theta0 and F drawn from projection_seed), to see how much rests on the draw
-    **{"axksp_r6_ti" + (f"_ps{k}" if k else ""): {
-        **_s("SuperLoRA Tucker axes, shared bases, projected + TI", factorization="tucker", fold=3, groups="shape",
-             rank=6, kernel_axis=True, share_axes=True, projection="fastfood", projection_ratio=0.111,
-             projection_seed=k), "ti": True}
-       for k in (0, 1, 2)},
-    # the same 1,360-entry vector over smaller layouts, so a subspace keeps more of the layout's directions: the shared
-    # layout at rank 4 (5,969 entries, 4.4x fewer trained) and rank 2 (2,374, 1.7x), and the per-shape kernel-axis
-    # layout at rank 1 (3,109, 2.3x: the smallest layout that learns, 0.245 at 3,237) and rank 2 (6,330, 4.7x)
+    # layouts trained in a random subspace: their factors are theta0 + F.v with v the one trainable vector of
+    # ceil(ratio x N) = 1,360 entries (+ 128: the <= 1.5k bar). The shared layout at rank 6 (N = 12,249), with _ps1/_ps2
+    # other subspaces (theta0 and F drawn from projection_seed) to see how much rests on the draw; then smaller layouts,
+    # so the subspace keeps more of each: shared rank 4 (5,969) and rank 2 (2,374), per-shape kernel-axis rank 1
+    # (3,109: the smallest layout that learns, 0.245 at 3,237) and rank 2 (6,330)
     **{name: {**_s("SuperLoRA Tucker axes" + (", shared bases" if shared else " + kernel") + ", projected + TI",
                    factorization="tucker", fold=3, groups="shape", rank=r, kernel_axis=True, share_axes=shared,
-                   projection="fastfood", projection_ratio=round(1360 / n, 5)), "ti": True}
-       for name, r, shared, n in (("axksp_r4_ti", 4, True, 5969), ("axksp_r2_ti", 2, True, 2374),
-                                  ("axkp_r1_ti", 1, False, 3109), ("axkp_r2_ti", 2, False, 6330))},
+                   projection="fastfood", projection_ratio=ratio, projection_seed=seed), "ti": True}
+       for name, r, shared, ratio, seed in (
+           ("axksp_r6_ti", 6, True, 0.111, 0), ("axksp_r6_ti_ps1", 6, True, 0.111, 1),
+           ("axksp_r6_ti_ps2", 6, True, 0.111, 2), ("axksp_r4_ti", 4, True, 0.22784, 0),
+           ("axksp_r2_ti", 2, True, 0.57287, 0), ("axkp_r1_ti", 1, False, 0.43744, 0),
+           ("axkp_r2_ti", 2, False, 0.21485, 0))},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},
