@@ -585,6 +585,14 @@ def summarise(rows: list[dict]) -> tuple[dict, dict, dict]:
 
     base = {r["subject"]: r for r in rows if r["method"] == "base" and "subject_fidelity" in r}
     choice = {r["method"]: r["lr"] for r in rows if r.get("phase") == "choice"}  # the last choice counts
+    slices: dict[str, set] = {}  # a method's rows on two layer slices would average two different adapters
+    for r in rows:
+        if r.get("phase") == "final":
+            slices.setdefault(r["method"], set()).add((r.get("targets", "attention"), r.get("text", False)))
+    mixed = {m: sorted(s) for m, s in slices.items() if len(s) > 1}
+    if mixed:
+        raise ValueError(f"{', '.join(mixed)} ran on more than one layer slice (targets, text encoder): "
+                         f"{mixed}; report each slice's files separately.")
     per_method: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("phase") == "final" and "subject_fidelity" in r and r["lr"] == choice.get(r["method"], r["lr"]):

@@ -62,6 +62,15 @@ def test_loraplus_runs_are_a_row_of_their_own(quality):
     assert stats["ax_r1_ti_loraplus4"]["loraplus"] == 4.0 and stats["ax_r1_ti"]["loraplus"] is None
 
 
+def test_a_method_on_two_layer_slices_is_refused_not_averaged(quality):
+    """axks_r6_ti is 12,377 parameters with the convs and 4,448 without: one row for both would be a third thing."""
+    conv = [dict(r, targets="conv", text=True) for r in rows_for("axks_r6_ti", 12_377, 0.08)]
+    attention = [dict(r, targets="attention", text=True) for r in rows_for("axks_r6_ti", 4_448, -0.03, seeds=(0,))]
+    assert quality.summarise(base_rows() + conv)[0]["axks_r6_ti"]["params"] == 12_377
+    with pytest.raises(ValueError, match=r"axks_r6_ti ran on more than one layer slice .*report each slice"):
+        quality.summarise(base_rows() + conv + attention)
+
+
 def test_equal_quality_picks_smallest_superlora_within_noise(quality):
     rows = (base_rows() + rows_for("lora_r4", 154_240, 0.070) + rows_for("lora_r1", 38_560, 0.065)
             + rows_for("d2_g4_r8", 54_400, 0.062) + rows_for("t3_g12_r5", 12_840, 0.040))
