@@ -143,16 +143,19 @@ METHODS: dict[str, dict] = {
     # other subspaces (theta0 and F drawn from projection_seed) to see how much rests on the draw; then smaller layouts,
     # so the subspace keeps more of each: shared rank 4 (5,969) and rank 2 (2,374), per-shape kernel-axis rank 1
     # (3,109: the smallest layout that learns, 0.245 at 3,237) and rank 2 (6,330); then rank 4's neighbours, shared
-    # rank 3 (3,923) and rank 5 (8,658)
-    **{name: {**_s("SuperLoRA Tucker axes" + (", shared bases" if shared else " + kernel") + ", projected + TI",
+    # rank 3 (3,923) and rank 5 (8,658); then the same vector through Uni-LoRA's isometric map (each entry reads one
+    # coordinate, so Adam's per-coordinate step stays a per-entry step) instead of Fastfood's dense mix: axksi_*
+    **{name: {**_s("SuperLoRA Tucker axes" + (", shared bases" if shared else " + kernel")
+                   + (", projected + TI" if kind == "fastfood" else f", {kind} projection + TI"),
                    factorization="tucker", fold=3, groups="shape", rank=r, kernel_axis=True, share_axes=shared,
-                   projection="fastfood", projection_ratio=ratio, projection_seed=seed), "ti": True}
-       for name, r, shared, ratio, seed in (
-           ("axksp_r6_ti", 6, True, 0.111, 0), ("axksp_r6_ti_ps1", 6, True, 0.111, 1),
-           ("axksp_r6_ti_ps2", 6, True, 0.111, 2), ("axksp_r4_ti", 4, True, 0.22784, 0),
-           ("axksp_r2_ti", 2, True, 0.57287, 0), ("axkp_r1_ti", 1, False, 0.43744, 0),
-           ("axkp_r2_ti", 2, False, 0.21485, 0), ("axksp_r3_ti", 3, True, 0.34667, 0),
-           ("axksp_r5_ti", 5, True, 0.15708, 0))},
+                   projection=kind, projection_ratio=ratio, projection_seed=seed), "ti": True}
+       for name, r, shared, ratio, seed, kind in (
+           ("axksp_r6_ti", 6, True, 0.111, 0, "fastfood"), ("axksp_r6_ti_ps1", 6, True, 0.111, 1, "fastfood"),
+           ("axksp_r6_ti_ps2", 6, True, 0.111, 2, "fastfood"), ("axksp_r4_ti", 4, True, 0.22784, 0, "fastfood"),
+           ("axksp_r2_ti", 2, True, 0.57287, 0, "fastfood"), ("axkp_r1_ti", 1, False, 0.43744, 0, "fastfood"),
+           ("axkp_r2_ti", 2, False, 0.21485, 0, "fastfood"), ("axksp_r3_ti", 3, True, 0.34667, 0, "fastfood"),
+           ("axksp_r5_ti", 5, True, 0.15708, 0, "fastfood"), ("axksi_r4_ti", 4, True, 0.22784, 0, "isometric"),
+           ("axksi_r6_ti", 6, True, 0.111, 0, "isometric"))},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},

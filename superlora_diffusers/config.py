@@ -21,11 +21,11 @@ from peft import PeftConfig
 from peft.utils import CONFIG_NAME
 
 Factorization = Literal["lora", "kronecker", "tucker"]
-Projection = Literal["none", "fastfood", "gaussian"]
+Projection = Literal["none", "fastfood", "gaussian", "isometric"]
 Groups = Union[int, Literal["weight", "shape"]]
 
 FACTORIZATIONS = ("lora", "kronecker", "tucker")
-PROJECTIONS = ("none", "fastfood", "gaussian")
+PROJECTIONS = ("none", "fastfood", "gaussian", "isometric")
 CONFIG_VERSION = 1
 PEFT_TYPE = "SUPERLORA"  # peft's name for the method (see tuner.register); not a PeftType member
 
@@ -53,6 +53,8 @@ class SuperLoRAConfig(PeftConfig):
         shuffle_seed: seed of that permutation (the permutation is regenerated, never stored).
         projection: fixed random map lifting the factors' ρ·N_g entries to N_g ("none" needs ratio 1); with
             groups="shape", it lifts one trainable vector of ρ·N entries to the layout's N factor entries.
+            "fastfood" mixes every coordinate into every entry; "isometric" (Uni-LoRA's map) reads each entry
+            from one coordinate; "gaussian" is a dense map for small adapters.
         projection_ratio: ρ in (0, 1].
         projection_seed: seed of the projection (regenerated, never stored).
         kron_splits: number K of Kronecker factors (2 = LoKr, >= 3 = LoNKr).

@@ -6,7 +6,9 @@ Walsh-Hadamard transform, applied in O(L log L) without ever forming an L×L mat
 random diagonal/permutation vectors of length L = next power of two >= N_g, regenerated from a seed
 on the CPU (identical on every device) and kept as non-persistent buffers: nothing random is saved.
 The same map serves every chunk of a block; chunks differ through their own factors.
-The dense Gaussian map is the simple alternative for small chunks.
+The dense Gaussian map is the simple alternative for small chunks. The isometric map (Uni-LoRA, Li et al.
+2025; peft's `UniLoraConfig`) reads each of the N_g entries from ONE trained coordinate instead of all of
+them: a sparse subspace in which Adam's per-coordinate step is still (almost) a per-entry step.
 """
 
 from __future__ import annotations
@@ -101,10 +103,37 @@ class GaussianProjection(nn.Module):
         return v @ self.matrix.to(v.dtype).T
 
 
+class IsometricProjection(nn.Module):
+    """F with one nonzero per row: entry i = v[index[i]] / sqrt(count of index[i]) (orthonormal columns).
+
+    Every coordinate is read by floor(D/d) or ceil(D/d) entries (a balanced, shuffled assignment, as peft's
+    UniLoRA draws it), so no coordinate is unused and F is an isometry. O(D) memory, one gather per use.
+    """
+
+    def __init__(self, in_features: int, out_features: int, seed: int) -> None:
+        super().__init__()
+        if in_features > out_features:
+            raise ValueError(f"The isometric projection lifts to a larger size; got {in_features} -> {out_features}.")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        base, extra = divmod(out_features, in_features)
+        index = torch.arange(in_features).repeat(base)
+        index = torch.cat([index, torch.randperm(in_features, generator=gen)[:extra]])
+        index = index[torch.randperm(out_features, generator=gen)]
+        counts = torch.bincount(index, minlength=in_features).float()
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("scale", counts[index].rsqrt(), persistent=False)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """v: (chunks, in_features) -> (chunks, out_features)."""
+        return v.index_select(-1, self.index) * self.scale.to(v.dtype)
+
+
 def build_projection(kind: str, in_features: int, out_features: int, seed: int) -> nn.Module:
     """Identity when nothing is projected, else the named fixed random map."""
     if kind == "none":
         return nn.Identity()
     if kind == "fastfood":
         return Fastfood(in_features, out_features, seed)
+    if kind == "isometric":
+        return IsometricProjection(in_features, out_features, seed)
     return GaussianProjection(in_features, out_features, seed)

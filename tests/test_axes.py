@@ -161,11 +161,12 @@ def test_share_axes_needs_the_axes_layout():
     assert "share_axes" not in axes_config().to_dict()  # files without it stay readable by older releases
 
 
-def projected_config(**kw) -> SuperLoRAConfig:
-    return axes_config(rank=2, kernel_axis=True, share_axes=True, projection="fastfood", projection_ratio=0.25, **kw)
+def projected_config(projection: str = "fastfood", **kw) -> SuperLoRAConfig:
+    return axes_config(rank=2, kernel_axis=True, share_axes=True, projection=projection, projection_ratio=0.25, **kw)
 
 
-def test_projection_trains_one_vector_that_moves_every_factor():
+@pytest.mark.parametrize("projection", ["fastfood", "isometric"])
+def test_projection_trains_one_vector_that_moves_every_factor(projection):
     """With a projection the factors are θ0 + F·v: v (ρ·N entries) is the one parameter; θ0 and F come from
     projection_seed alone, so two builds under different global seeds agree and a file needs only v."""
     config = projected_config()
@@ -189,16 +190,17 @@ def test_projection_trains_one_vector_that_moves_every_factor():
     assert module.axes.vector.grad.abs().sum() > 0
 
 
-def test_projected_adapter_round_trips_through_a_file_of_v_alone(tmp_path):
+@pytest.mark.parametrize("projection", ["fastfood", "isometric"])
+def test_projected_adapter_round_trips_through_a_file_of_v_alone(tmp_path, projection):
     pipe = tiny_pipeline()
-    add_random_adapter(pipe, projected_config(target_modules="unet+conv+text"), std=0.1)
+    add_random_adapter(pipe, projected_config(projection, target_modules="unet+conv+text"), std=0.1)
     adapted = generate(pipe)
     pipe.save_superlora_weights(tmp_path / "a")
     fresh = tiny_pipeline()
     fresh.load_superlora_weights(tmp_path / "a")
     assert torch.equal(generate(fresh), adapted)
     info = fresh.get_superlora_info()
-    assert info["config"]["projection"] == "fastfood" and info["config"]["share_axes"] is True
+    assert info["config"]["projection"] == projection and info["config"]["share_axes"] is True
     import safetensors.torch
 
     stored = safetensors.torch.load_file(str(tmp_path / "a" / "superlora_weights.safetensors"))

@@ -18,7 +18,7 @@ from superlora_diffusers.layout import (
     shuffle_index,
     unshuffle_indices,
 )
-from superlora_diffusers.projection import Fastfood, GaussianProjection, fwht, hadamard
+from superlora_diffusers.projection import Fastfood, GaussianProjection, IsometricProjection, fwht, hadamard
 from superlora_diffusers.superlora import versus_lora1
 
 PAPER = [(768, 744)]  # the method note's adapted size S = 571,392
@@ -59,6 +59,7 @@ CONFIGS = {
     "lorta3": SuperLoRAConfig.lorta(fold=3, groups=2, rank=2, shuffle=True, shuffle_seed=3),
     "lorta4_fastfood": SuperLoRAConfig.lorta(fold=4, groups=1, rank=2, projection="fastfood", projection_ratio=0.3),
     "lora_gaussian": SuperLoRAConfig.group_lora(groups=2, rank=1, projection="gaussian", projection_ratio=0.5),
+    "lorta3_isometric": SuperLoRAConfig.lorta(fold=3, groups=2, rank=2, projection="isometric", projection_ratio=0.4),
     "tucker_weight_aligned": SuperLoRAConfig(factorization="tucker", groups="weight", fold=3, rank=2),
     "kron_explicit_fold": SuperLoRAConfig(factorization="kronecker", groups=2, fold_shape=(12, 11), rank=1, kron_factor=2),
 }
@@ -250,6 +251,23 @@ def test_projection_is_seeded_and_not_saved():
     assert GaussianProjection(4, 9, seed=0).state_dict() == {}
     module = SuperLoRA(CONFIGS["lorta4_fastfood"], SHAPES)
     assert all("projections" not in k and "unshuffle" not in k for k in module.state_dict())
+
+
+@pytest.mark.parametrize("d, D", [(3, 5), (10, 37), (64, 64), (17, 200)])
+def test_isometric_projection_is_a_balanced_one_hot_isometry(d, D):
+    """Uni-LoRA's map: one nonzero per row, every coordinate read floor(D/d) or ceil(D/d) times, F^T F = I."""
+    iso = IsometricProjection(d, D, seed=3)
+    dense = iso(torch.eye(d, dtype=torch.float64)).T  # (D, d): column j = F e_j
+    assert ((dense != 0).sum(dim=1) == 1).all()
+    counts = (dense != 0).sum(dim=0)
+    assert counts.min() >= D // d and counts.max() <= -(-D // d)
+    torch.testing.assert_close(dense.T @ dense, torch.eye(d, dtype=torch.float64))
+    v = torch.randn(2, d, dtype=torch.float64)
+    torch.testing.assert_close(iso(v), v @ dense.T)
+    other = IsometricProjection(d, D, seed=4)
+    assert iso.state_dict() == {} and (D == d or not torch.equal(iso.index, other.index))
+    with pytest.raises(ValueError, match="larger size"):
+        IsometricProjection(D + 1, D, seed=0)
 
 
 def test_gaussian_projection_refuses_huge_dense_maps():

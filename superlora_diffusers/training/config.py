@@ -86,7 +86,7 @@ class TrainingConfig:
                                      "(each shape keeps only its core and layer factor: the smallest layouts)", ADAPTER)
     fold: int | None = option(None, "fold each group into an M-way tensor", ADAPTER)
     shuffle: bool | None = option(None, group=ADAPTER)
-    projection: str | None = option(None, group=ADAPTER, choices=["none", "fastfood", "gaussian"])
+    projection: str | None = option(None, group=ADAPTER, choices=["none", "fastfood", "gaussian", "isometric"])
     projection_ratio: float | None = option(None, group=ADAPTER)
     projection_seed: int | None = option(None, "seed of the fixed random projection (and, in the axes layout, of the "
                                          "factors' starting point θ0); regenerated from the file, never stored", ADAPTER)
