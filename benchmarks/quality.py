@@ -144,7 +144,8 @@ METHODS: dict[str, dict] = {
     # so the subspace keeps more of each: shared rank 4 (5,969) and rank 2 (2,374), per-shape kernel-axis rank 1
     # (3,109: the smallest layout that learns, 0.245 at 3,237) and rank 2 (6,330); then rank 4's neighbours, shared
     # rank 3 (3,923) and rank 5 (8,658); then the same vector through Uni-LoRA's isometric map (each entry reads one
-    # coordinate, so Adam's per-coordinate step stays a per-entry step) instead of Fastfood's dense mix: axksi_*
+    # coordinate, so Adam's per-coordinate step stays a per-entry step) instead of Fastfood's dense mix: axksi_* (rank 8:
+    # N = 22,370)
     **{name: {**_s("SuperLoRA Tucker axes" + (", shared bases" if shared else " + kernel")
                    + (", projected + TI" if kind == "fastfood" else f", {kind} projection + TI"),
                    factorization="tucker", fold=3, groups="shape", rank=r, kernel_axis=True, share_axes=shared,
@@ -155,7 +156,7 @@ METHODS: dict[str, dict] = {
            ("axksp_r2_ti", 2, True, 0.57287, 0, "fastfood"), ("axkp_r1_ti", 1, False, 0.43744, 0, "fastfood"),
            ("axkp_r2_ti", 2, False, 0.21485, 0, "fastfood"), ("axksp_r3_ti", 3, True, 0.34667, 0, "fastfood"),
            ("axksp_r5_ti", 5, True, 0.15708, 0, "fastfood"), ("axksi_r4_ti", 4, True, 0.22784, 0, "isometric"),
-           ("axksi_r6_ti", 6, True, 0.111, 0, "isometric"))},
+           ("axksi_r6_ti", 6, True, 0.111, 0, "isometric"), ("axksi_r8_ti", 8, True, 0.06079, 0, "isometric"))},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},

@@ -276,7 +276,8 @@ def test_the_projected_shared_method_trains_one_vector_under_the_smallest_budget
 @pytest.mark.parametrize("method, rank, shared, n", [("axksp_r4_ti", 4, True, 1_360), ("axksp_r2_ti", 2, True, 1_360),
                                                       ("axkp_r1_ti", 1, False, 1_361), ("axkp_r2_ti", 2, False, 1_361),
                                                       ("axksp_r3_ti", 3, True, 1_360), ("axksp_r5_ti", 5, True, 1_360),
-                                                      ("axksi_r4_ti", 4, True, 1_360), ("axksi_r6_ti", 6, True, 1_360)])
+                                                      ("axksi_r4_ti", 4, True, 1_360), ("axksi_r6_ti", 6, True, 1_360),
+                                                      ("axksi_r8_ti", 8, True, 1_360)])
 def test_smaller_projected_layouts_train_the_same_vector_size(quality, tmp_path, method, rank, shared, n):
     """The <= 1.5k candidates differ only in the layout the 1,360-entry vector spans, not in what trains."""
     adapter, _, _ = built(quality, tmp_path, method, targets="conv")
