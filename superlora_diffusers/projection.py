@@ -6,8 +6,8 @@ Walsh-Hadamard transform, applied in O(L log L) without ever forming an L×L mat
 random diagonal/permutation vectors of length L = next power of two >= N_g, regenerated from a seed
 on the CPU (identical on every device) and kept as non-persistent buffers: nothing random is saved.
 The same map serves every chunk of a block; chunks differ through their own factors.
-The dense Gaussian map is the simple alternative for small chunks. The isometric map (Uni-LoRA, Li et al.
-2025; peft's `UniLoraConfig`) reads each of the N_g entries from ONE trained coordinate instead of all of
+The dense Gaussian map is the simple alternative for small chunks. The isometric map (Uni-LoRA, arXiv 2506.00799;
+peft's `UniLoraConfig`) reads each of the N_g entries from ONE trained coordinate instead of all of
 them: a sparse subspace in which Adam's per-coordinate step is still (almost) a per-entry step.
 """
 
