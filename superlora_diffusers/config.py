@@ -15,7 +15,7 @@ import math
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME
@@ -24,8 +24,8 @@ Factorization = Literal["lora", "kronecker", "tucker"]
 Projection = Literal["none", "fastfood", "gaussian", "isometric"]
 Groups = Union[int, Literal["weight", "shape"]]
 
-FACTORIZATIONS = ("lora", "kronecker", "tucker")
-PROJECTIONS = ("none", "fastfood", "gaussian", "isometric")
+FACTORIZATIONS: tuple[str, ...] = get_args(Factorization)
+PROJECTIONS: tuple[str, ...] = get_args(Projection)
 CONFIG_VERSION = 1
 PEFT_TYPE = "SUPERLORA"  # peft's name for the method (see tuner.register); not a PeftType member
 

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PRESETS
+from ..config import FACTORIZATIONS, PRESETS, PROJECTIONS
 
 
 class TrainingError(Exception):
@@ -74,7 +74,7 @@ class TrainingConfig:
     param_budget: int | None = option(None, "the best measured recipe that fits this many trainable parameters (the "
                                       "embedding of --train_text_encoder_ti included); below all of them, the "
                                       "largest configuration that fits", ADAPTER)
-    factorization: str | None = option(None, group=ADAPTER, choices=["lora", "kronecker", "tucker"])
+    factorization: str | None = option(None, group=ADAPTER, choices=list(FACTORIZATIONS))
     rank: int | None = option(None, "SuperLoRA's rank over the preset's; peft methods' r (default 4)", ADAPTER)
     alpha: float | None = option(None, "ΔW is scaled by alpha/rank (default alpha = rank)", ADAPTER)
     groups: str | None = option(None, "number of groups G, 'weight' for one per weight, or 'shape' for a Tucker over "
@@ -86,7 +86,7 @@ class TrainingConfig:
                                      "(each shape keeps only its core and layer factor: the smallest layouts)", ADAPTER)
     fold: int | None = option(None, "fold each group into an M-way tensor", ADAPTER)
     shuffle: bool | None = option(None, group=ADAPTER)
-    projection: str | None = option(None, group=ADAPTER, choices=["none", "fastfood", "gaussian", "isometric"])
+    projection: str | None = option(None, group=ADAPTER, choices=list(PROJECTIONS))
     projection_ratio: float | None = option(None, group=ADAPTER)
     projection_seed: int | None = option(None, "seed of the fixed random projection (and, in the axes layout, of the "
                                          "factors' starting point θ0); regenerated from the file, never stored", ADAPTER)
