@@ -156,7 +156,10 @@ METHODS: dict[str, dict] = {
            ("axksp_r2_ti", 2, True, 0.57287, 0, "fastfood"), ("axkp_r1_ti", 1, False, 0.43744, 0, "fastfood"),
            ("axkp_r2_ti", 2, False, 0.21485, 0, "fastfood"), ("axksp_r3_ti", 3, True, 0.34667, 0, "fastfood"),
            ("axksp_r5_ti", 5, True, 0.15708, 0, "fastfood"), ("axksi_r4_ti", 4, True, 0.22784, 0, "isometric"),
-           ("axksi_r6_ti", 6, True, 0.111, 0, "isometric"), ("axksi_r8_ti", 8, True, 0.06079, 0, "isometric"))},
+           ("axksi_r6_ti", 6, True, 0.111, 0, "isometric"), ("axksi_r8_ti", 8, True, 0.06079, 0, "isometric"),
+           # the rank-4 subspace over the UNet alone (run without --train_text_encoder: N = 5,921, the same 1,360-entry
+           # vector): the embedding is then the only change to how prompts are read, context words included
+           ("axksp_r4_ti_unet", 4, True, 0.2296, 0, "fastfood"))},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},
