@@ -285,6 +285,13 @@ def test_smaller_projected_layouts_train_the_same_vector_size(quality, tmp_path,
     assert [p.numel() for g in adapter.param_groups(3e-3, 5e-3) for p in g["params"]] == [n, 128]
 
 
+def test_the_unet_only_subspace_trains_the_same_vector_without_the_text_encoder(quality, tmp_path):
+    """axksp_r4_ti_unet (run without --train_text_encoder): 1,360 + 128 entries, no CLIP layer among the targets."""
+    adapter, _, _ = built(quality, tmp_path, "axksp_r4_ti_unet", targets="conv", text=False)
+    assert [p.numel() for g in adapter.param_groups(3e-3, 5e-3) for p in g["params"]] == [1_360, 128]
+    assert adapter.targets and not any(name.startswith("text_encoder") for name in adapter.targets)
+
+
 def test_loraplus_reaches_the_trainer_and_the_rows(quality, tmp_path):
     job = dict(method="ax_r1_ti", subject="striped_star", seed=0, lr=3e-3, phase="final", targets="conv", text=True,
                steps=1500, prior_weight=1.0, ti_lr=5e-3)
