@@ -123,6 +123,10 @@ METHODS: dict[str, dict] = {
     "ax_r8_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=8), "ti": True},
     "ax_r10_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=10), "ti": True},
     "ax_r16_ti": {**_s("SuperLoRA Tucker axes + TI", factorization="tucker", fold=3, groups="shape", rank=16), "ti": True},
+    # UniLoRA's own map and vector size over the axes layout instead of LoRA's entries (attention + CLIP slice, for
+    # --targets attention): ax_r16's 29,512 entries read a 14,872-entry isometric vector, + 128 = unilora_15k's 15,000
+    "axi_r16_ti": {**_s("SuperLoRA Tucker axes, isometric projection + TI", factorization="tucker", fold=3,
+                        groups="shape", rank=16, projection="isometric", projection_ratio=0.50393), "ti": True},
     # the kernel as a fourth axis (kernel_axis): the convs' U_in shrinks from c_in*9 to c_in + 9 rows, so rank 4 fits
     # under 15k (13,881 + 128) and rank 1 in 3,109 + 128
     "axk_r1_ti": {**_s("SuperLoRA Tucker axes + kernel + TI", factorization="tucker", fold=3, groups="shape", rank=1,

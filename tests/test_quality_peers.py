@@ -286,6 +286,15 @@ def test_smaller_projected_layouts_train_the_same_vector_size(quality, tmp_path,
     assert any(name.startswith("text_encoder") for name in adapter.targets) == text
 
 
+def test_the_axes_layout_through_unilora_s_map_trains_unilora_s_vector_size(quality, tmp_path):
+    """axi_r16_ti beside unilora_15k on attention + CLIP: the same isometric map and 15,000 trained entries (14,872 +
+    the embedding's 128); only the layout the vector spans differs (ax_r16's 29,512 entries, not LoRA r = 4's)."""
+    adapter, _, _ = built(quality, tmp_path, "axi_r16_ti")
+    assert (adapter.config.projection, adapter.config.rank, adapter.config.groups) == ("isometric", 16, "shape")
+    assert [p.numel() for g in adapter.param_groups(1e-2, 5e-3) for p in g["params"]] == [14_872, 128]
+    assert adapter.n_params == 15_000 == built(quality, tmp_path, "unilora_15k")[0].n_params
+
+
 def test_loraplus_reaches_the_trainer_and_the_rows(quality, tmp_path):
     job = dict(method="ax_r1_ti", subject="striped_star", seed=0, lr=3e-3, phase="final", targets="conv", text=True,
                steps=1500, prior_weight=1.0, ti_lr=5e-3)
