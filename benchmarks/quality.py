@@ -163,7 +163,10 @@ METHODS: dict[str, dict] = {
            ("axksi_r6_ti", 6, True, 0.111, 0, "isometric"), ("axksi_r8_ti", 8, True, 0.06079, 0, "isometric"),
            # the rank-4 subspace over the UNet alone (run without --train_text_encoder: N = 5,921, the same 1,360-entry
            # vector): the embedding is then the only change to how prompts are read, context words included
-           ("axksp_r4_ti_unet", 4, True, 0.2296, 0, "fastfood"))},
+           ("axksp_r4_ti_unet", 4, True, 0.2296, 0, "fastfood"),
+           # at 15k on the conv slice: the rank-8 shared layout (22,370 entries) through a 14,872-entry isometric vector,
+           # + 128 = 15,000, beside the fully trained rank-6 recipe (12,377)
+           ("axksi_r8_ti_15k", 8, True, 0.66481, 0, "isometric"))},
     "t3_g1_r4_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=1, rank=4), "ti": True},
     # the control at the recipe's own size: the cube fold G=12 (12,840) with the same embedding
     "t3_g12_r5_ti": {**_s("SuperLoRA Tucker + TI", factorization="tucker", fold=3, groups=12, rank=5), "ti": True},

@@ -293,6 +293,8 @@ def test_the_axes_layout_through_unilora_s_map_trains_unilora_s_vector_size(qual
     assert (adapter.config.projection, adapter.config.rank, adapter.config.groups) == ("isometric", 16, "shape")
     assert [p.numel() for g in adapter.param_groups(1e-2, 5e-3) for p in g["params"]] == [14_872, 128]
     assert adapter.n_params == 15_000 == built(quality, tmp_path, "unilora_15k")[0].n_params
+    conv, _, _ = built(quality, tmp_path, "axksi_r8_ti_15k", targets="conv")  # the same vector size on the conv slice
+    assert (conv.config.rank, conv.config.share_axes, conv.n_params) == (8, True, 15_000)
 
 
 def test_loraplus_reaches_the_trainer_and_the_rows(quality, tmp_path):
