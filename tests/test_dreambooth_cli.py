@@ -118,6 +118,25 @@ def test_param_budget_takes_the_shared_bases_recipes_with_pivotal_tuning():
     assert count_parameters(config, shapes, kernels) == 1_360
 
 
+def test_param_budget_takes_the_attention_slice_recipes_on_attention_only_targets():
+    """On the toy's UNet + CLIP attention (kernels known, no conv), with the embedding: the rank-16 axes layout through
+    an isometric vector (axi_r16_ti, 15,000 with the embedding), then rank 10 trained whole; with a conv among the
+    targets, or kernels unknown, the conv-slice ranking as before."""
+    from superlora_diffusers.components import target_kernels, target_shapes
+    from superlora_diffusers.toy import load_toy_pipeline
+
+    pipe = load_toy_pipeline()
+    components, targets = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "unet+text"
+    shapes, kernels = target_shapes(components, targets), target_kernels(components, targets)
+    config, why = choose_config_for_budget(15_000 - 128, shapes, pivotal=True, kernels=kernels)
+    assert (config.rank, config.projection, config.groups) == (16, "isometric", "shape") and "measured" in why
+    assert count_parameters(config, shapes, kernels) == 14_872
+    config, _ = choose_config_for_budget(14_000, shapes, pivotal=True, kernels=kernels)
+    assert (config.rank, config.projection) == (10, "none") and count_parameters(config, shapes, kernels) == 13_072
+    assert choose_config_for_budget(15_000 - 128, shapes, pivotal=True)[0].share_axes  # kernels unknown: as before
+    assert choose_config_for_budget(15_000 - 128, shapes, pivotal=False, kernels=kernels)[0].projection == "none"
+
+
 def test_param_budget_takes_the_kernel_axis_recipe_below_the_axes_one():
     """With conv targets (their k_h·k_w known), a budget under tucker-axes takes its kernel-axis variant."""
     shapes = SD_LIKE + [(64, 64 * 9)] * 3 + [(128, 64 * 9)]
