@@ -96,15 +96,20 @@ def test_param_budget_takes_the_best_measured_recipe_that_fits(pivotal, budget, 
     assert count_parameters(config, SD_LIKE) <= budget
 
 
-def test_param_budget_takes_the_shared_bases_recipes_with_pivotal_tuning():
-    """On the toy's demo layers, with the embedding: rank 6 with shared bases where it fits, rank 4 where neither
-    it nor tucker-axes r=1 does; without the embedding they were not measured, so never taken."""
+def toy_targets(targets: str) -> tuple[list[tuple[int, int]], list[int]]:
+    """(shapes, kernels) of the embedded toy's weights that `targets` names."""
     from superlora_diffusers.components import target_kernels, target_shapes
     from superlora_diffusers.toy import load_toy_pipeline
 
     pipe = load_toy_pipeline()
-    components, targets = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "unet+conv+text"
-    shapes, kernels = target_shapes(components, targets), target_kernels(components, targets)
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    return target_shapes(components, targets), target_kernels(components, targets)
+
+
+def test_param_budget_takes_the_shared_bases_recipes_with_pivotal_tuning():
+    """On the toy's demo layers, with the embedding: rank 6 with shared bases where it fits, rank 4 where neither
+    it nor tucker-axes r=1 does; without the embedding they were not measured, so never taken."""
+    shapes, kernels = toy_targets("unet+conv+text")
     config, why = choose_config_for_budget(15_000, shapes, pivotal=True, kernels=kernels)
     assert (config.rank, config.share_axes, config.kernel_axis) == (6, True, True) and "tucker-axes-shared" in why
     assert count_parameters(config, shapes, kernels) == 12_249
@@ -122,12 +127,7 @@ def test_param_budget_takes_the_attention_slice_recipes_on_attention_only_target
     """On the toy's UNet + CLIP attention (kernels known, no conv), with the embedding: the rank-16 axes layout through
     an isometric vector (axi_r16_ti, 15,000 with the embedding), then rank 10 trained whole; with a conv among the
     targets, or kernels unknown, the conv-slice ranking as before."""
-    from superlora_diffusers.components import target_kernels, target_shapes
-    from superlora_diffusers.toy import load_toy_pipeline
-
-    pipe = load_toy_pipeline()
-    components, targets = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "unet+text"
-    shapes, kernels = target_shapes(components, targets), target_kernels(components, targets)
+    shapes, kernels = toy_targets("unet+text")
     config, why = choose_config_for_budget(15_000 - 128, shapes, pivotal=True, kernels=kernels)
     assert (config.rank, config.projection, config.groups) == (16, "isometric", "shape") and "measured" in why
     assert count_parameters(config, shapes, kernels) == 14_872
