@@ -286,6 +286,14 @@ def test_smaller_projected_layouts_train_the_same_vector_size(quality, tmp_path,
     assert any(name.startswith("text_encoder") for name in adapter.targets) == text
 
 
+def test_the_min_snr_lever_reaches_the_trainer_and_changes_nothing_else(quality, tmp_path):
+    """axksp_r4_ti_snr5: the <= 1.5k recipe with --snr_gamma 5; the adapter it builds is axksp_r4_ti's."""
+    configs = {m: quality.training_config(job(m, targets="conv"), tmp_path) for m in ("axksp_r4_ti_snr5", "axksp_r4_ti")}
+    assert (configs["axksp_r4_ti_snr5"].snr_gamma, configs["axksp_r4_ti"].snr_gamma) == (5.0, None)
+    (adapter, _, _), (base, _, _) = (built(quality, tmp_path, m, targets="conv") for m in configs)
+    assert adapter.config == base.config and adapter.n_params == 1_360 + 128
+
+
 def test_the_axes_layout_through_unilora_s_map_trains_unilora_s_vector_size(quality, tmp_path):
     """axi_r16_ti beside unilora_15k on attention + CLIP: the same isometric map and 15,000 trained entries (14,872 +
     the embedding's 128); only the layout the vector spans differs (ax_r16's 29,512 entries, not LoRA r = 4's)."""
