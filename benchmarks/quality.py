@@ -201,10 +201,11 @@ METHODS: dict[str, dict] = {
     "tinylora_15k": _peft("tinylora", r=13, u=163, weight_tying=0.0),  # 92 x 163 = 14,996
     "tinylora_40k": _peft("tinylora", r=21, u=435, weight_tying=0.0),  # 40,020
 }
-# a training lever on the <= 1.5k recipe, everything else axksp_r4_ti's: Min-SNR loss weighting (diffusers' --snr_gamma),
-# which the Min-SNR paper finds converges faster; the 1,360 random directions may be short of steps, not of rate
-METHODS["axksp_r4_ti_snr5"] = {**METHODS["axksp_r4_ti"],
-                               "config": {**METHODS["axksp_r4_ti"]["config"], "snr_gamma": 5.0}}
+# training levers on the <= 1.5k recipe, everything else axksp_r4_ti's: Min-SNR loss weighting (diffusers' --snr_gamma),
+# which the Min-SNR paper finds converges faster (the 1,360 random directions may be short of steps, not of rate), and
+# diffusers' pivot halfway (--train_text_encoder_ti_frac 0.5): the embedding stops at step 750 and the vector goes on
+for _name, _lever in (("axksp_r4_ti_snr5", {"snr_gamma": 5.0}), ("axksp_r4_ti_frac", {"train_text_encoder_ti_frac": 0.5})):
+    METHODS[_name] = {**METHODS["axksp_r4_ti"], "config": {**METHODS["axksp_r4_ti"]["config"], **_lever}}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -286,10 +286,14 @@ def test_smaller_projected_layouts_train_the_same_vector_size(quality, tmp_path,
     assert any(name.startswith("text_encoder") for name in adapter.targets) == text
 
 
-def test_the_min_snr_lever_reaches_the_trainer_and_changes_nothing_else(quality, tmp_path):
-    """axksp_r4_ti_snr5: the <= 1.5k recipe with --snr_gamma 5; the adapter it builds is axksp_r4_ti's."""
-    configs = {m: quality.training_config(job(m, targets="conv"), tmp_path) for m in ("axksp_r4_ti_snr5", "axksp_r4_ti")}
-    assert (configs["axksp_r4_ti_snr5"].snr_gamma, configs["axksp_r4_ti"].snr_gamma) == (5.0, None)
+@pytest.mark.parametrize("method, field, value, default", [("axksp_r4_ti_snr5", "snr_gamma", 5.0, None),
+                                                            ("axksp_r4_ti_frac", "train_text_encoder_ti_frac", 0.5, 1.0)])
+def test_the_training_levers_reach_the_trainer_and_change_nothing_else(quality, tmp_path, method, field, value, default):
+    """The <= 1.5k recipe with one training option changed (Min-SNR; the embedding's pivot); the adapter it builds
+    is axksp_r4_ti's."""
+    configs = {m: quality.training_config(job(m, targets="conv"), tmp_path) for m in (method, "axksp_r4_ti")}
+    assert (getattr(configs[method], field), getattr(configs["axksp_r4_ti"], field)) == (value, default)
+    configs[method].validate()
     (adapter, _, _), (base, _, _) = (built(quality, tmp_path, m, targets="conv") for m in configs)
     assert adapter.config == base.config and adapter.n_params == 1_360 + 128
 

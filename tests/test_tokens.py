@@ -98,6 +98,29 @@ def test_trainer_train_text_encoder_ti_trains_and_saves_the_offsets(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
+def test_train_text_encoder_ti_frac_stops_the_embedding_at_the_pivot_and_not_the_adapter(tmp_path):
+    """diffusers' pivot: with --train_text_encoder_ti_frac 0.5 over 4 steps the embedding moves in steps 1-2 only, the
+    factors in all four; a run resumed past the pivot keeps the embedding where it stopped."""
+    base_dir = tmp_path / "tiny-sd"
+    tiny_pipeline().save_pretrained(base_dir)
+    args = ("--train_batch_size", "2", "--superlora_preset", "lorta", "--factorization", "tucker", "--groups", "shape",
+            "--fold", "3", "--rank", "2", "--train_text_encoder_ti", "--text_encoder_lr", "5e-2", "--report_to", "none",
+            "--checkpointing_steps", "1", "--train_text_encoder_ti_frac", "0.5")
+    run = train(base_dir, tmp_path / "run", "--max_train_steps", "4", *args)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "step 2: the embedding stops training (--train_text_encoder_ti_frac 0.5)" in run.stderr
+    at = {s: factors(tmp_path / "run" / f"checkpoint-{s}" / WEIGHTS) for s in (1, 2)}
+    final = factors(tmp_path / "run" / WEIGHTS)
+    token = "superlora.tokens.delta"
+    assert not torch.equal(at[1][token], at[2][token]) and torch.equal(at[2][token], final[token])
+    moved = [k for k in final if k != token and not torch.equal(at[2][k], final[k])]
+    assert moved  # the adapter trains on after the pivot
+    resumed = train(base_dir, tmp_path / "run", "--max_train_steps", "6", *args, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert torch.equal(factors(tmp_path / "run" / WEIGHTS)[token], final[token])
+
+
 def test_export_to_lora_refuses_instead_of_dropping_the_embedding(tmp_path):
     from superlora_diffusers.export import ExportError, export_state_dict
 

@@ -29,6 +29,13 @@ def test_a_config_built_in_code_is_checked_like_the_command_line():
         TrainingConfig(instance_prompt="p").validate()
     with pytest.raises(TrainingError, match="--token_abstraction 'sks' is not a word"):
         TrainingConfig(instance_data_dir="d", instance_prompt="a photo", train_text_encoder_ti=True).validate()
+    pivotal = dict(instance_data_dir="d", instance_prompt="a sks star", train_text_encoder_ti=True)
+    for frac in (0.0, 1.5):
+        with pytest.raises(TrainingError, match=f"--train_text_encoder_ti_frac must be in \\(0, 1\\], got {frac}"):
+            TrainingConfig(**pivotal, train_text_encoder_ti_frac=frac).validate()
+    with pytest.raises(TrainingError, match="add --train_text_encoder_ti, or drop it"):
+        TrainingConfig(instance_data_dir="d", instance_prompt="a sks star", train_text_encoder_ti_frac=0.5).validate()
+    TrainingConfig(**pivotal, train_text_encoder_ti_frac=0.5).validate()
 
 
 def functions(tree: ast.AST):

@@ -33,6 +33,7 @@ UNET_CONV = r"resnets\.\d+\.conv1|resnets\.\d+\.conv2"
 CLIP_ATTENTION = r"q_proj|k_proj|v_proj|out_proj"
 PEFT_FOLDER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+EMBEDDING_GROUP = "embedding"  # the optimizer group of pivotal tuning's embedding, which can stop before the adapter
 
 
 class SuperLoRAAdapter:
@@ -70,7 +71,7 @@ class SuperLoRAAdapter:
         if zero:
             groups.append({"params": zero, "lr": lr * zero_ratio})
         if token_params:  # the embedding offsets at their own rate (diffusers' --text_encoder_lr)
-            groups.append({"params": token_params, "lr": ti_lr})
+            groups.append({"params": token_params, "lr": ti_lr, "name": EMBEDDING_GROUP})
         return groups
 
     def disabled(self):
@@ -162,7 +163,7 @@ class PeftAdapter:
                   {"params": zero, "lr": lr * zero_ratio}]
         if tokens:
             groups.append({"params": tokens, "lr": lr if self.kind == "trainable_tokens" else ti_lr,
-                           "weight_decay": 0.0})
+                           "weight_decay": 0.0, "name": EMBEDDING_GROUP})
         return [g for g in groups if g["params"]]
 
     def disabled(self):

@@ -107,6 +107,10 @@ class TrainingConfig:
                                     "whose embedding trains", ADAPTER)
     text_encoder_lr: float | None = option(None, "with --train_text_encoder_ti: the embedding's learning rate "
                                            "(default: --learning_rate)", ADAPTER)
+    train_text_encoder_ti_frac: float = option(1.0, "with --train_text_encoder_ti: the share of the steps the "
+                                               "embedding trains; after it only the adapter does, around the pivot "
+                                               "the embedding found (diffusers' advanced script defaults to 0.5)",
+                                               ADAPTER)
     # optimisation
     train_batch_size: int = option(4, group=OPTIM)
     num_train_epochs: int = option(1, group=OPTIM)
@@ -192,6 +196,12 @@ class TrainingConfig:
             raise TrainingError(f"--train_text_encoder_ti beside --adapter {self.adapter}: peft trains token rows "
                                 "beside LoRA only (LoraConfig's trainable_token_indices); use --adapter lora or "
                                 "superlora, or drop the flag.")
+        if not 0 < self.train_text_encoder_ti_frac <= 1:
+            raise TrainingError(f"--train_text_encoder_ti_frac must be in (0, 1], got {self.train_text_encoder_ti_frac}"
+                                "; 1 trains the embedding for the whole run, 0.5 for its first half.")
+        if self.train_text_encoder_ti_frac != 1 and not self.train_text_encoder_ti:
+            raise TrainingError("--train_text_encoder_ti_frac sets when the embedding of pivotal tuning stops "
+                                "training; add --train_text_encoder_ti, or drop it.")
         linear_only = self.adapter in ("vera", "vblora", "unilora", "tinylora")
         if linear_only and "conv" in (self.target_modules or ""):
             raise TrainingError(f"--adapter {self.adapter} adapts nn.Linear layers only; drop the convs from "

@@ -177,6 +177,17 @@ def make_schedule(run: Run) -> Schedule:
     return Schedule(items, max_steps, math.ceil(max_steps / updates_per_epoch))
 
 
+def stop_embedding(optimizer, lr_scheduler) -> None:
+    """--train_text_encoder_ti_frac: the embedding's rate is 0 from here on (the schedule's base rate too, or its next
+    step would restore it), so only the adapter trains, around the pivot the embedding found."""
+    from .adapters import EMBEDDING_GROUP
+
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("name") == EMBEDDING_GROUP:
+            group["lr"] = scheduler.base_lrs[i] = 0.0
+
+
 def make_optimizer(run: Run, max_steps: int):
     """AdamW over the adapter (SuperLoRA's embedding offsets at --text_encoder_lr) and the learning-rate schedule."""
     from diffusers.optimization import get_scheduler

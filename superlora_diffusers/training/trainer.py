@@ -13,7 +13,8 @@ import torch
 from .checkpoints import AdapterEMA, averaged, check_output_dir, checkpoint, list_checkpoints, resolve_resume, restore
 from .config import TrainingConfig, TrainingError, parse_args
 from .data import epoch_batches, list_images
-from .setup import Run, Schedule, attach_adapter, encode_fixed_prompts, load_base, load_data, make_accelerator, make_optimizer, make_schedule
+from .setup import (Run, Schedule, attach_adapter, encode_fixed_prompts, load_base, load_data, make_accelerator,
+                    make_optimizer, make_schedule, stop_embedding)
 from .step import check_finite, losses, make_batch, update
 from .validation import final_validation, validate
 
@@ -70,6 +71,9 @@ def loop(run: Run, schedule: Schedule, optimizer, lr_scheduler, ema: AdapterEMA 
     start_micro, micro = step * cfg.gradient_accumulation_steps, 0
     found = list_checkpoints(Path(cfg.output_dir))
     last_checkpoint = found[-1] if found else None
+    pivot = int(cfg.train_text_encoder_ti_frac * schedule.max_steps) if cfg.train_text_encoder_ti_frac < 1 else None
+    if pivot is not None and step >= pivot:  # resumed past it
+        stop_embedding(optimizer, lr_scheduler)
     train_mode(run)
     try:
         for epoch in range(schedule.num_epochs):
@@ -89,6 +93,10 @@ def loop(run: Run, schedule: Schedule, optimizer, lr_scheduler, ema: AdapterEMA 
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                if step == pivot:
+                    stop_embedding(optimizer, lr_scheduler)
+                    logger.info("step %d: the embedding stops training (--train_text_encoder_ti_frac %g); the adapter "
+                                "goes on", step, cfg.train_text_encoder_ti_frac)
                 if ema is not None:
                     ema.update(step)
                 report(run, step, schedule.max_steps, loss, lr_scheduler, progress, on_step)
