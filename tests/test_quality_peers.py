@@ -287,7 +287,9 @@ def test_smaller_projected_layouts_train_the_same_vector_size(quality, tmp_path,
 
 
 @pytest.mark.parametrize("method, field, value, default", [("axksp_r4_ti_snr5", "snr_gamma", 5.0, None),
-                                                            ("axksp_r4_ti_frac", "train_text_encoder_ti_frac", 0.5, 1.0)])
+                                                            ("axksp_r4_ti_frac", "train_text_encoder_ti_frac", 0.5, 1.0),
+                                                            ("axksp_r4_ti_early", "timestep_bias_strategy", "earlier",
+                                                             "none")])
 def test_the_training_levers_reach_the_trainer_and_change_nothing_else(quality, tmp_path, method, field, value, default):
     """The <= 1.5k recipe with one training option changed (Min-SNR; the embedding's pivot); the adapter it builds
     is axksp_r4_ti's."""

@@ -180,6 +180,17 @@ def test_prior_loss_target_base_model_regresses_the_class_batch_onto_the_frozen_
         assert prior[2] > 1e-8  # ...until the factors move; the base prediction ran with the adapter off
 
 
+def test_timestep_bias_trains_through_the_cli_and_a_range_past_the_scheduler_is_one_line(base_dir, tmp_path):
+    run = train(base_dir, tmp_path / "early", "--max_train_steps", "2", "--train_batch_size", "2",
+                "--timestep_bias_strategy", "earlier", "--timestep_bias_multiplier", "3", "--timestep_bias_portion", "0.5")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "early" / WEIGHTS).is_file()
+    bad = train(base_dir, tmp_path / "bad", "--max_train_steps", "1", "--timestep_bias_strategy", "range",
+                "--timestep_bias_end", "5000")
+    assert bad.returncode == 2 and "--timestep_bias_end 5000 is past the scheduler's 1000 timesteps" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_a_peft_lora_trains_resumes_exactly_and_loads_with_load_lora_weights(base_dir, tmp_path):
     """--adapter lora: the same loop on peft LoRA (UNet + CLIP), saved as diffusers' LoRA file."""
     common = ("--adapter", "lora", "--rank", "2", "--lora_alpha", "4", "--train_text_encoder", "--max_train_steps", "4",

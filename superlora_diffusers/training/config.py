@@ -138,6 +138,13 @@ class TrainingConfig:
     ema_decay: float = option(0.99, "with --use_ema; about 1/(1-decay) steps averaged", OPTIM)
     snr_gamma: float | None = option(None, "Min-SNR loss weighting (5.0 is typical)", OPTIM)
     noise_offset: float = option(0.0, group=OPTIM)
+    timestep_bias_strategy: str = option("none", "sample some timesteps more often (diffusers' SDXL scripts): "
+                                         "'earlier' (less noise: detail), 'later' (more noise: layout), 'range'",
+                                         OPTIM, choices=["none", "earlier", "later", "range"])
+    timestep_bias_multiplier: float = option(1.0, "how much more often the biased timesteps are drawn", OPTIM)
+    timestep_bias_portion: float = option(0.25, "with 'earlier'/'later': the share of the timesteps biased", OPTIM)
+    timestep_bias_begin: int = option(0, "with 'range': the first biased timestep", OPTIM)
+    timestep_bias_end: int = option(1000, "with 'range': the biased timesteps end before this one", OPTIM)
     allow_tf32: bool = option(False, group=OPTIM)
     mixed_precision: str | None = option(None, group=OPTIM, choices=["no", "fp16", "bf16"])
     enable_xformers_memory_efficient_attention: bool = option(False, group=OPTIM)
@@ -196,6 +203,13 @@ class TrainingConfig:
             raise TrainingError(f"--train_text_encoder_ti beside --adapter {self.adapter}: peft trains token rows "
                                 "beside LoRA only (LoraConfig's trainable_token_indices); use --adapter lora or "
                                 "superlora, or drop the flag.")
+        if self.timestep_bias_strategy != "none" and (self.timestep_bias_multiplier <= 0
+                                                       or not 0 < self.timestep_bias_portion <= 1
+                                                       or not 0 <= self.timestep_bias_begin < self.timestep_bias_end):
+            raise TrainingError("--timestep_bias_strategy needs --timestep_bias_multiplier > 0, "
+                                "--timestep_bias_portion in (0, 1] and 0 <= --timestep_bias_begin < "
+                                f"--timestep_bias_end; got {self.timestep_bias_multiplier}, "
+                                f"{self.timestep_bias_portion}, {self.timestep_bias_begin}, {self.timestep_bias_end}.")
         if not 0 < self.train_text_encoder_ti_frac <= 1:
             raise TrainingError(f"--train_text_encoder_ti_frac must be in (0, 1], got {self.train_text_encoder_ti_frac}"
                                 "; 1 trains the embedding for the whole run, 0.5 for its first half.")
