@@ -274,7 +274,8 @@ def test_the_projected_shared_method_trains_one_vector_under_the_smallest_budget
 
 
 @pytest.mark.parametrize("method, rank, shared, n, text", [
-    ("axksp_r4_ti", 4, True, 1_360, True), ("axksp_r2_ti", 2, True, 1_360, True), ("axkp_r1_ti", 1, False, 1_361, True),
+    ("axksp_r4_ti", 4, True, 1_360, True), ("axksp_r4_ti_ps1", 4, True, 1_360, True),
+    ("axksp_r2_ti", 2, True, 1_360, True), ("axkp_r1_ti", 1, False, 1_361, True),
     ("axkp_r2_ti", 2, False, 1_361, True), ("axksp_r3_ti", 3, True, 1_360, True), ("axksp_r5_ti", 5, True, 1_360, True),
     ("axksi_r4_ti", 4, True, 1_360, True), ("axksi_r6_ti", 6, True, 1_360, True), ("axksi_r8_ti", 8, True, 1_360, True),
     ("axksp_r4_ti_unet", 4, True, 1_360, False)])  # run without --train_text_encoder: no CLIP layer among the targets
