@@ -80,23 +80,27 @@ def test_peft_adapters_refuse_superlora_only_options_up_front():
 def test_timestep_bias_draws_the_biased_timesteps_more_often_and_none_stays_uniform():
     """diffusers' --timestep_bias_strategy: 'earlier' x3 over half the steps draws 3/4 of the timesteps there; 'none'
     is the uniform draw every earlier run made, bit for bit; bad settings are one line each."""
+    from superlora_diffusers.training.setup import timestep_weights
     from superlora_diffusers.training.step import sample_timesteps
+
+    def draw(cfg, num_timesteps, n, g):
+        return sample_timesteps(timestep_weights(cfg, num_timesteps), num_timesteps, n, g)
 
     base = dict(instance_data_dir="d", instance_prompt="a sks star")
     early = TrainingConfig(**base, timestep_bias_strategy="earlier", timestep_bias_multiplier=3.0,
                            timestep_bias_portion=0.5).validate()
-    drawn = sample_timesteps(early, 1000, 20_000, torch.Generator().manual_seed(0))
+    drawn = draw(early, 1000, 20_000, torch.Generator().manual_seed(0))
     assert 0.73 < (drawn < 500).float().mean() < 0.77 and drawn.min() >= 0 and drawn.max() < 1000
     late = dataclasses.replace(early, timestep_bias_strategy="later")
-    assert 0.73 < (sample_timesteps(late, 1000, 20_000, torch.Generator().manual_seed(0)) >= 500).float().mean() < 0.77
+    assert 0.73 < (draw(late, 1000, 20_000, torch.Generator().manual_seed(0)) >= 500).float().mean() < 0.77
     band = TrainingConfig(**base, timestep_bias_strategy="range", timestep_bias_multiplier=1e6, timestep_bias_begin=200,
                           timestep_bias_end=300).validate()
-    drawn = sample_timesteps(band, 1000, 1_000, torch.Generator().manual_seed(0))
+    drawn = draw(band, 1000, 1_000, torch.Generator().manual_seed(0))
     assert ((drawn >= 200) & (drawn < 300)).float().mean() > 0.99
     plain = TrainingConfig(**base)
-    assert torch.equal(sample_timesteps(plain, 1000, 8, torch.Generator().manual_seed(1)),
+    assert torch.equal(draw(plain, 1000, 8, torch.Generator().manual_seed(1)),
                        torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(1)))
     with pytest.raises(TrainingError, match="is past the scheduler's 500 timesteps; use at most 500"):
-        sample_timesteps(dataclasses.replace(band, timestep_bias_end=1000), 500, 4, torch.Generator())
+        draw(dataclasses.replace(band, timestep_bias_end=1000), 500, 4, torch.Generator())
     with pytest.raises(TrainingError, match="--timestep_bias_strategy needs --timestep_bias_multiplier > 0"):
         TrainingConfig(**base, timestep_bias_strategy="earlier", timestep_bias_portion=0.0).validate()

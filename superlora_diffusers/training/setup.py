@@ -48,6 +48,7 @@ class Run:
     averaged_by_hand: list[torch.nn.Parameter] = field(default_factory=list)  # trainable, but outside the UNet
     encode_every_step: bool = False
     fixed_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+    timestep_weights: torch.Tensor | None = None  # --timestep_bias_strategy's draw; None: uniform
 
     @property
     def device(self) -> torch.device:
@@ -105,7 +106,27 @@ def load_base(cfg: TrainingConfig, accelerator) -> Run:
     run = Run(cfg, accelerator, path, tokenizer, text_encoder, vae, unet, scheduler)
     run.resolution = cfg.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    run.timestep_weights = timestep_weights(cfg, scheduler.config.num_train_timesteps)
     return run
+
+
+def timestep_weights(cfg: TrainingConfig, num_timesteps: int) -> torch.Tensor | None:
+    """diffusers' timestep weights for --timestep_bias_strategy (the biased ones x multiplier, normalised), once per
+    run, so a range past the scheduler is refused before training; None keeps the uniform draw."""
+    if cfg.timestep_bias_strategy == "none":
+        return None
+    weights = torch.ones(num_timesteps)
+    biased = int(cfg.timestep_bias_portion * num_timesteps)
+    if cfg.timestep_bias_strategy == "range":
+        if cfg.timestep_bias_end > num_timesteps:
+            raise TrainingError(f"--timestep_bias_end {cfg.timestep_bias_end} is past the scheduler's "
+                                f"{num_timesteps} timesteps; use at most {num_timesteps}.")
+        weights[cfg.timestep_bias_begin:cfg.timestep_bias_end] *= cfg.timestep_bias_multiplier
+    elif cfg.timestep_bias_strategy == "earlier":
+        weights[:biased] *= cfg.timestep_bias_multiplier
+    else:
+        weights[num_timesteps - biased:] *= cfg.timestep_bias_multiplier
+    return weights / weights.sum()
 
 
 def load_data(run: Run) -> None:

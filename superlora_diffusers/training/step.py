@@ -42,28 +42,18 @@ def make_batch(run: Run, rows: list[int], micro: int) -> Batch:
     if cfg.noise_offset:
         noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g)
     noise = noise.to(run.device, run.weight_dtype)
-    timesteps = sample_timesteps(cfg, run.noise_scheduler.config.num_train_timesteps, latents.shape[0], g)
+    timesteps = sample_timesteps(run.timestep_weights, run.noise_scheduler.config.num_train_timesteps,
+                                 latents.shape[0], g)
     timesteps = timesteps.to(run.device)
     noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
     return Batch(latents, noise, timesteps, noisy, prompts, n)
 
 
-def sample_timesteps(cfg, num_timesteps: int, n: int, g: torch.Generator) -> torch.Tensor:
-    """Uniform, or with --timestep_bias_strategy drawn by diffusers' timestep weights (the biased ones x multiplier)."""
-    if cfg.timestep_bias_strategy == "none":
+def sample_timesteps(weights: torch.Tensor | None, num_timesteps: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """Uniform, or drawn by the run's timestep weights (`timestep_weights`, built once per run)."""
+    if weights is None:
         return torch.randint(0, num_timesteps, (n,), generator=g)
-    weights = torch.ones(num_timesteps)
-    biased = int(cfg.timestep_bias_portion * num_timesteps)
-    if cfg.timestep_bias_strategy == "range":
-        if cfg.timestep_bias_end > num_timesteps:
-            raise TrainingError(f"--timestep_bias_end {cfg.timestep_bias_end} is past the scheduler's "
-                                f"{num_timesteps} timesteps; use at most {num_timesteps}.")
-        weights[cfg.timestep_bias_begin:cfg.timestep_bias_end] *= cfg.timestep_bias_multiplier
-    elif cfg.timestep_bias_strategy == "earlier":
-        weights[:biased] *= cfg.timestep_bias_multiplier
-    else:
-        weights[num_timesteps - biased:] *= cfg.timestep_bias_multiplier
-    return torch.multinomial(weights / weights.sum(), n, replacement=True, generator=g)
+    return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
 @torch.no_grad()
