@@ -157,7 +157,8 @@ METHODS: dict[str, dict] = {
        for name, r, shared, ratio, seed, kind in (
            ("axksp_r6_ti", 6, True, 0.111, 0, "fastfood"), ("axksp_r6_ti_ps1", 6, True, 0.111, 1, "fastfood"),
            ("axksp_r6_ti_ps2", 6, True, 0.111, 2, "fastfood"), ("axksp_r4_ti", 4, True, 0.22784, 0, "fastfood"),
-           ("axksp_r4_ti_ps1", 4, True, 0.22784, 1, "fastfood"),  # the <= 1.5k recipe in another random subspace
+           ("axksp_r4_ti_ps1", 4, True, 0.22784, 1, "fastfood"),  # the <= 1.5k recipe in other random subspaces
+           ("axksp_r4_ti_ps2", 4, True, 0.22784, 2, "fastfood"), ("axksp_r4_ti_ps3", 4, True, 0.22784, 3, "fastfood"),
            ("axksp_r2_ti", 2, True, 0.57287, 0, "fastfood"), ("axkp_r1_ti", 1, False, 0.43744, 0, "fastfood"),
            ("axkp_r2_ti", 2, False, 0.21485, 0, "fastfood"), ("axksp_r3_ti", 3, True, 0.34667, 0, "fastfood"),
            ("axksp_r5_ti", 5, True, 0.15708, 0, "fastfood"), ("axksi_r4_ti", 4, True, 0.22784, 0, "isometric"),
