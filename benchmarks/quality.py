@@ -212,6 +212,12 @@ for _name, _lever in (("axksp_r4_ti_snr5", {"snr_gamma": 5.0}), ("axksp_r4_ti_fr
                       ("axksp_r4_ti_early", {"timestep_bias_strategy": "earlier", "timestep_bias_multiplier": 3.0,
                                              "timestep_bias_portion": 0.5})):
     METHODS[_name] = {**METHODS["axksp_r4_ti"], "config": {**METHODS["axksp_r4_ti"]["config"], **_lever}}
+# two embedding vectors instead of one (diffusers' advanced script trains two per identifier by default,
+# --num_new_tokens_per_abstraction 2): the identifier "zwx", which the CLIP tokenizer splits into two ids that no
+# prompt of the toy world uses, so each id gets its own offset (2 x 128), and the vector shrinks to keep 1,488:
+# 1,232 + 256
+METHODS["axksp_r4_ti2"] = {**METHODS["axksp_r4_ti"], "token": "zwx",
+                           "config": {**METHODS["axksp_r4_ti"]["config"], "projection_ratio": 0.20639}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,23 +269,23 @@ def make_pipeline(unet, te):
     return pipe
 
 
-def eval_prompts(subject: str, n: int) -> tuple[list[str], list[str], dict]:
+def eval_prompts(subject: str, n: int, token: str = TI_TOKEN) -> tuple[list[str], list[str], dict]:
     from superlora_diffusers.toy import world
 
     shape = world.SUBJECTS[subject].shape
     bgs = [world.BACKGROUND_NAMES[i % len(world.BACKGROUND_NAMES)] for i in range(n)]
-    prompts = ([f"a photo of sks {shape}"] * n + [f"a photo of sks {shape} on a {bg} background" for bg in bgs]
+    prompts = ([f"a photo of {token} {shape}"] * n + [f"a photo of {token} {shape} on a {bg} background" for bg in bgs]
                + [f"a photo of a {shape}"] * n)
     return prompts, bgs, {"shape": shape}
 
 
 @torch.no_grad()
-def evaluate(unet, te, subject: str, n: int, steps: int, chunk: int = 96) -> dict:
+def evaluate(unet, te, subject: str, n: int, steps: int, chunk: int = 96, token: str = TI_TOKEN) -> dict:
     """Judge scores with the adapter active; the same prompts and generator seeds for every run."""
     from superlora_diffusers.evaluate import judge_scores
 
     pipe = make_pipeline(unet, te)
-    prompts, bgs, info = eval_prompts(subject, n)
+    prompts, bgs, info = eval_prompts(subject, n, token)
     images = []
     for start in range(0, len(prompts), chunk):
         part = prompts[start:start + chunk]
@@ -305,9 +311,10 @@ def training_config(job: dict, work_dir: Path):
     from superlora_diffusers.training import TrainingConfig
 
     spec, shape = METHODS[job["method"]], world.SUBJECTS[job["subject"]].shape
+    token = spec.get("token", TI_TOKEN)
     images = work_dir / "images" / job["subject"]
     cfg = dict(pretrained_model_name_or_path="toy", instance_data_dir=str(images / "instance"),
-               instance_prompt=f"a photo of {TI_TOKEN} {shape}", max_train_steps=job["steps"], learning_rate=job["lr"],
+               instance_prompt=f"a photo of {token} {shape}", max_train_steps=job["steps"], learning_rate=job["lr"],
                train_batch_size=BATCH, seed=job["seed"], train_text_encoder=job.get("text", False),
                target_modules="unet+conv" if job.get("targets") == "conv" else "unet", checkpointing_steps=job["steps"],
                num_validation_images=1, num_inference_steps=2, report_to="none", adam_weight_decay=1e-2,
@@ -330,7 +337,7 @@ def training_config(job: dict, work_dir: Path):
     else:  # textual inversion alone: ignores --targets and --train_text_encoder
         cfg.update(adapter="trainable_tokens", train_text_encoder=False, target_modules=None)
     if spec.get("ti"):
-        cfg.update(train_text_encoder_ti=True, token_abstraction=TI_TOKEN, text_encoder_lr=job["ti_lr"])
+        cfg.update(train_text_encoder_ti=True, token_abstraction=token, text_encoder_lr=job["ti_lr"])
     if "loraplus_lr_ratio" in job:
         cfg["loraplus_lr_ratio"] = job["loraplus_lr_ratio"]
     return TrainingConfig(**cfg)
@@ -359,7 +366,8 @@ def run_job(job: dict) -> dict:
                    family=METHODS[job["method"]]["family"])
     unet.eval()
     te.eval()
-    out.update(evaluate(unet, te, job["subject"], job["n_eval"], job["eval_steps"]))
+    token = METHODS.get(job["method"], {}).get("token", TI_TOKEN)  # the identifier the adapter was trained on
+    out.update(evaluate(unet, te, job["subject"], job["n_eval"], job["eval_steps"], token=token))
     if job["method"] == "base":
         out.update(params=0, file_bytes=0)
     elif job.get("save_deltas"):  # the trained ΔW, dense, for benchmarks/expressivity.py

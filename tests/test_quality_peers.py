@@ -301,6 +301,19 @@ def test_the_training_levers_reach_the_trainer_and_change_nothing_else(quality, 
     assert adapter.config == base.config and adapter.n_params == 1_360 + 128
 
 
+def test_two_embedding_vectors_keep_the_recipe_s_size_and_reach_the_prompts(quality, tmp_path):
+    """axksp_r4_ti2: the identifier "zwx" is two CLIP ids the toy world never uses, so the embedding is 2 x 128 and
+    the vector shrinks to 1,232 (1,488 in all); training and the judge's prompts use that word, not "sks"."""
+    adapter, _, _ = built(quality, tmp_path, "axksp_r4_ti2", targets="conv")
+    assert [p.numel() for g in adapter.param_groups(3e-3, 5e-3) for p in g["params"]] == [1_232, 256]
+    assert adapter.n_params == 1_488 == built(quality, tmp_path, "axksp_r4_ti", targets="conv")[0].n_params
+    config = quality.training_config(job("axksp_r4_ti2", targets="conv"), tmp_path).validate()
+    assert (config.token_abstraction, config.instance_prompt) == ("zwx", "a photo of zwx star")
+    world_ids = {i for p in quality.eval_prompts("striped_star", 2)[0] for i in quality.W["tokenizer"](p).input_ids}
+    assert not world_ids & set(adapter.config.token_ids) and len(adapter.config.token_ids) == 2
+    assert all("zwx" in p for p in quality.eval_prompts("striped_star", 2, "zwx")[0][:4])
+
+
 def test_the_axes_layout_through_unilora_s_map_trains_unilora_s_vector_size(quality, tmp_path):
     """axi_r16_ti beside unilora_15k on attention + CLIP: the same isometric map and 15,000 trained entries (14,872 +
     the embedding's 128); only the layout the vector spans differs (ax_r16's 29,512 entries, not LoRA r = 4's)."""
