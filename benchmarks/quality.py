@@ -656,12 +656,25 @@ def summarise(rows: list[dict]) -> tuple[dict, dict, dict]:
                         if any(r["seed"] == s and k in r for r in rs)]
             st[k + "_seedstd"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
             st[k + "_seedmeans"] = [float(x) for x in per_seed]
+        st["judge_se"] = judge_noise(rs)
         stats[m] = st
     search = {}
     for r in rows:
         if r.get("phase") == "search":
             search.setdefault(r["method"], []).append((r["lr"], r.get("subject_fidelity")))
     return stats, base, search
+
+
+def judge_noise(rows: list[dict]) -> tuple[float, float]:
+    """The judge's own sampling noise in subject accuracy, apart from any training noise: a run's accuracy is the
+    share of its n_eval images that the subject head accepts, so (binomial) a mean over runs has the standard error
+    sqrt(sum p(1 - p) / n) / runs. Returns it for the mean over all `rows` and for one seed's mean over subjects
+    (averaged over seeds): what a search on one seed can resolve."""
+    def se(rs: list[dict]) -> float:
+        return math.sqrt(sum(r["subject_acc"] * (1 - r["subject_acc"]) / r.get("n_eval", 16) for r in rs)) / len(rs)
+
+    seeds = sorted({r["seed"] for r in rows})
+    return se(rows), sum(se([r for r in rows if r["seed"] == s]) for s in seeds) / len(seeds)
 
 
 def equal_quality(stats: dict, ref: str = "lora_r4") -> dict | None:
@@ -732,6 +745,9 @@ def report(args) -> None:
         cells = [("{:.2f} / {:.3f}".format(*stats[m]["per_subject"][s]) if s in stats[m]["per_subject"] else "-")
                  for s in subjects]
         lines.append(f"| `{m}` ({stats[m]['seeds']} seed{'s' * (stats[m]['seeds'] > 1)}) | " + " | ".join(cells) + " |")
+    lines += ["", "The judge's sampling noise in subject accuracy (binomial over each run's n_eval images, no training "
+              "noise in it): standard error of the mean above / of one seed's mean over the subjects", ""]
+    lines += [f"- `{m}`: ± {stats[m]['judge_se'][0]:.3f} / ± {stats[m]['judge_se'][1]:.3f}" for m in order]
     table = "\n".join(lines)
     eq = equal_quality(complete)
     grid_lines = [f"- `{m}`: " + ", ".join(f"{lr:g} → {f:.3f}" if f is not None else f"{lr:g} → failed"

@@ -53,6 +53,20 @@ def test_summary_gains_and_seed_noise(quality):
     assert st["prior_shape_drift"][0] == pytest.approx(-0.05)
 
 
+def test_judge_noise_is_the_binomial_error_of_the_accuracies(quality, tmp_path):
+    """Accuracy 0.5 on 16 images per run: one run's error is 0.125; four subjects of a seed 0.0625; 12 runs 0.036.
+    A run scored on more images (n_eval 64) is less noisy, one at accuracy 0 or 1 not at all."""
+    rows = rows_for("lora_r4", 154_240, 0.07)
+    stats, _, _ = quality.summarise(base_rows() + rows)
+    assert stats["lora_r4"]["judge_se"] == pytest.approx((0.125 * 12 ** 0.5 / 12, 0.0625))
+    assert quality.judge_noise([dict(rows[0], n_eval=64)]) == pytest.approx((0.0625, 0.0625))
+    assert quality.judge_noise([dict(rows[0], subject_acc=1.0), dict(rows[1], subject_acc=0.0)]) == (0.0, 0.0)
+    jsonl, table = tmp_path / "q.jsonl", tmp_path / "table.md"
+    jsonl.write_text("".join(__import__("json").dumps(r) + "\n" for r in base_rows() + rows))
+    quality.report(argparse.Namespace(jsonl=str(jsonl), plot=None, table=str(table)))
+    assert "- `lora_r4`: ± 0.036 / ± 0.062" in table.read_text()
+
+
 def test_loraplus_runs_are_a_row_of_their_own(quality):
     plus = [dict(r, loraplus_lr_ratio=4.0) for r in rows_for("ax_r1_ti", 12_866, 0.06)]
     stats, _, _ = quality.summarise(base_rows() + rows_for("ax_r1_ti", 12_866, 0.05) + plus)
