@@ -163,6 +163,7 @@ METHODS: dict[str, dict] = {
            ("axkp_r2_ti", 2, False, 0.21485, 0, "fastfood"), ("axksp_r3_ti", 3, True, 0.34667, 0, "fastfood"),
            ("axksp_r5_ti", 5, True, 0.15708, 0, "fastfood"), ("axksi_r4_ti", 4, True, 0.22784, 0, "isometric"),
            ("axksi_r6_ti", 6, True, 0.111, 0, "isometric"), ("axksi_r8_ti", 8, True, 0.06079, 0, "isometric"),
+           ("axksi_r6_ti_ps1", 6, True, 0.111, 1, "isometric"),  # is the isometric map's rank 6 as draw-bound?
            # the rank-4 subspace over the UNet alone (run without --train_text_encoder: N = 5,921, the same 1,360-entry
            # vector): the embedding is then the only change to how prompts are read, context words included
            ("axksp_r4_ti_unet", 4, True, 0.2296, 0, "fastfood"),

@@ -278,6 +278,7 @@ def test_the_projected_shared_method_trains_one_vector_under_the_smallest_budget
     ("axksp_r2_ti", 2, True, 1_360, True), ("axkp_r1_ti", 1, False, 1_361, True),
     ("axkp_r2_ti", 2, False, 1_361, True), ("axksp_r3_ti", 3, True, 1_360, True), ("axksp_r5_ti", 5, True, 1_360, True),
     ("axksi_r4_ti", 4, True, 1_360, True), ("axksi_r6_ti", 6, True, 1_360, True), ("axksi_r8_ti", 8, True, 1_360, True),
+    ("axksi_r6_ti_ps1", 6, True, 1_360, True), ("axksp_r4_ti_ps2", 4, True, 1_360, True),
     ("axksp_r4_ti_unet", 4, True, 1_360, False)])  # run without --train_text_encoder: no CLIP layer among the targets
 def test_smaller_projected_layouts_train_the_same_vector_size(quality, tmp_path, method, rank, shared, n, text):
     """The <= 1.5k candidates differ only in the layout the 1,360-entry vector spans, not in what trains."""
