@@ -79,6 +79,7 @@ def _s(family: str, **cfg) -> dict:
 PEFT_SHARED = {"vera": ("VeraConfig", "peft VeRA"), "vblora": ("VBLoRAConfig", "peft VB-LoRA"),
                "unilora": ("UniLoraConfig", "peft UniLoRA"), "tinylora": ("TinyLoraConfig", "peft TinyLoRA")}
 TI_TOKEN = "sks"
+N_EVAL = 16  # --n_eval default: images per prompt type the judge scores
 TI_LR = 5e-3  # --ti_lr default: the "sks" embedding's rate in pivotal tuning
 
 
@@ -304,6 +305,11 @@ def evaluate(unet, te, subject: str, n: int, steps: int, chunk: int = 96, token:
     return judge_scores(subj, rectx, bgs, prior, subject, value_range=(0, 1))
 
 
+def identifier(method: str) -> str:
+    """The word a method's prompts name the subject by (a method may bring its own; the base model is judged on "sks")."""
+    return METHODS.get(method, {}).get("token", TI_TOKEN)
+
+
 def training_config(job: dict, work_dir: Path):
     """The shipped trainer's `TrainingConfig` for a benchmark job: the job's images, prompts, steps, batch, rate,
     prior weight and layers; SuperLoRA, a peft method, or the "sks" embedding (alone: peft's TrainableTokens;
@@ -312,7 +318,7 @@ def training_config(job: dict, work_dir: Path):
     from superlora_diffusers.training import TrainingConfig
 
     spec, shape = METHODS[job["method"]], world.SUBJECTS[job["subject"]].shape
-    token = spec.get("token", TI_TOKEN)
+    token = identifier(job["method"])
     images = work_dir / "images" / job["subject"]
     cfg = dict(pretrained_model_name_or_path="toy", instance_data_dir=str(images / "instance"),
                instance_prompt=f"a photo of {token} {shape}", max_train_steps=job["steps"], learning_rate=job["lr"],
@@ -367,8 +373,7 @@ def run_job(job: dict) -> dict:
                    family=METHODS[job["method"]]["family"])
     unet.eval()
     te.eval()
-    token = METHODS.get(job["method"], {}).get("token", TI_TOKEN)  # the identifier the adapter was trained on
-    out.update(evaluate(unet, te, job["subject"], job["n_eval"], job["eval_steps"], token=token))
+    out.update(evaluate(unet, te, job["subject"], job["n_eval"], job["eval_steps"], token=identifier(job["method"])))
     if job["method"] == "base":
         out.update(params=0, file_bytes=0)
     elif job.get("save_deltas"):  # the trained ΔW, dense, for benchmarks/expressivity.py
@@ -672,7 +677,7 @@ def judge_noise(rows: list[dict]) -> tuple[float, float]:
     sqrt(sum p(1 - p) / n) / runs. Returns it for the mean over all `rows` and for one seed's mean over subjects
     (averaged over seeds): what a search on one seed can resolve."""
     def se(rs: list[dict]) -> float:
-        return math.sqrt(sum(r["subject_acc"] * (1 - r["subject_acc"]) / r.get("n_eval", 16) for r in rs)) / len(rs)
+        return math.sqrt(sum(r["subject_acc"] * (1 - r["subject_acc"]) / r.get("n_eval", N_EVAL) for r in rs)) / len(rs)
 
     seeds = sorted({r["seed"] for r in rows})
     return se(rows), sum(se([r for r in rows if r["seed"] == s]) for s in seeds) / len(seeds)
@@ -835,7 +840,7 @@ def main(argv: list[str] | None = None) -> None:
                         "'+text' targets), as the README demo does")
     r.add_argument("--prior_weight", type=float, default=0.0,
                    help="weight of the prior-preservation loss (0: instance images only; see the docstring)")
-    r.add_argument("--n_eval", type=int, default=16, help="images per prompt type")
+    r.add_argument("--n_eval", type=int, default=N_EVAL, help="images per prompt type")
     r.add_argument("--eval_steps", type=int, default=20)
     r.add_argument("--subjects", default=",".join(SUBJECTS))
     r.add_argument("--seeds", type=int, default=3, help="final runs on seeds 0..N-1 (0: the search alone)")
