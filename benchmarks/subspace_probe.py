@@ -18,6 +18,7 @@ D is a quality.py work dir (its images/ folders; `quality.py run` writes them).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -25,6 +26,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402
@@ -69,10 +72,52 @@ def probe(job: dict) -> dict:
 
     trainer.losses = recorded
     t0 = time.time()
-    train(cfg, on_step=lambda step, max_steps, loss: total.append(loss))
+    weights = train(cfg, on_step=lambda step, max_steps, loss: total.append(loss))
+    held_out = fixed_draw_losses(cfg, weights, job["work_dir"])
     shutil.rmtree(cfg.output_dir)
     return {**{k: job[k] for k in ("subject", "draw", "seed", "steps", "lr")}, "seconds": round(time.time() - t0, 1),
-            "loss": total, "instance_loss": instance, "prior_loss": prior}
+            "loss": total, "instance_loss": instance, "prior_loss": prior, **held_out}
+
+
+@torch.no_grad()
+def fixed_draw_losses(cfg, weights: Path, work_dir: str, n_noise: int = 32) -> dict[str, float]:
+    """The trained adapter's denoising loss on draws fixed for every probe (noise, timesteps: one seed), base model
+    beside it: the instance images under the subject prompt and under the class prompt, the class images under the
+    class prompt. "binding" = loss(instance | class prompt) - loss(instance | subject prompt): how much of the fit
+    rides on the identifier, which DreamBooth wants and the training loss does not isolate; "drift" = the class
+    images' loss with the adapter minus without it."""
+    from superlora_diffusers.training.data import encode_prompts, load_examples
+
+    quality.init_worker("cpu", work_dir, 1)
+    W = quality.W
+    unet, te = copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])
+    quality.build(cfg, copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])).load_into(quality.make_pipeline(unet, te),
+                                                                                    weights)
+    unet.eval(), te.eval()
+    size = W["unet"].config.sample_size * 2 ** (len(W["vae"].config.block_out_channels) - 1)
+    g = torch.Generator().manual_seed(4321)
+
+    def draws(directory: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels = load_examples(directory, "", size, cfg.center_crop, ".txt", directory).pixels.repeat_interleave(n_noise, 0)
+        latents = W["vae"].encode(pixels).latent_dist.mean * W["vae"].config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, W["noise"].config.num_train_timesteps, (len(latents),), generator=g)
+        return W["noise"].add_noise(latents, noise, t), noise, t
+
+    def loss(models, batch, prompt: str) -> float:
+        (u, e), (noisy, noise, t) = models, batch
+        hidden = encode_prompts(W["tokenizer"], e, [prompt]).expand(len(noisy), -1, -1)
+        return torch.nn.functional.mse_loss(u(noisy, t, hidden).sample, noise).item()
+
+    inst, cls = draws(cfg.instance_data_dir), draws(cfg.class_data_dir)
+    out = {}
+    for name, models in (("", (unet, te)), ("base_", (W["unet"], W["te"]))):
+        out[name + "inst_subject"] = loss(models, inst, cfg.instance_prompt)
+        out[name + "inst_class"] = loss(models, inst, cfg.class_prompt)
+        out[name + "class_class"] = loss(models, cls, cfg.class_prompt)
+    out["binding"] = out["inst_class"] - out["inst_subject"]
+    out["drift"] = out["class_class"] - out["base_class_class"]
+    return out
 
 
 def run(args) -> None:
