@@ -41,7 +41,7 @@ def method_of(draw: int) -> str:
 def probe_config(job: dict):
     """The quality protocol's training config of this draw and subject, cut to job["steps"] steps: at a constant
     rate, the first steps of the full run exactly."""
-    full = dict(method=method_of(job["draw"]), subject=job["subject"], seed=job["seed"], lr=job["lr"], steps=1500,
+    full = dict(method=job["method"], subject=job["subject"], seed=job["seed"], lr=job["lr"], steps=1500,
                 prior_weight=1.0, targets="conv", text=True, ti_lr=quality.TI_LR)
     cfg = quality.training_config(full, Path(job["work_dir"]))
     cfg.max_train_steps = cfg.checkpointing_steps = job["steps"]
@@ -75,7 +75,7 @@ def probe(job: dict) -> dict:
     weights = train(cfg, on_step=lambda step, max_steps, loss: total.append(loss))
     held_out = fixed_draw_losses(cfg, weights, job["work_dir"])
     shutil.rmtree(cfg.output_dir)
-    return {**{k: job[k] for k in ("subject", "draw", "seed", "steps", "lr")}, "seconds": round(time.time() - t0, 1),
+    return {**{k: job[k] for k in ("method", "subject", "draw", "seed", "steps", "lr")}, "seconds": round(time.time() - t0, 1),
             "loss": total, "instance_loss": instance, "prior_loss": prior, **held_out}
 
 
@@ -121,8 +121,9 @@ def fixed_draw_losses(cfg, weights: Path, work_dir: str, n_noise: int = 32) -> d
 
 
 def run(args) -> None:
-    jobs = [dict(subject=s, draw=d, seed=args.seed, steps=args.steps, lr=args.lr, work_dir=args.work_dir)
-            for s in args.subjects.split(",") for d in args.draws]
+    runs = [(method_of(d), d) for d in args.draws] + [(m, None) for m in args.methods]
+    jobs = [dict(method=m, subject=s, draw=d, seed=args.seed, steps=args.steps, lr=args.lr, work_dir=args.work_dir)
+            for s in args.subjects.split(",") for m, d in runs]
     with ProcessPoolExecutor(args.workers) as pool, open(args.out, "a") as f:
         for row in pool.map(probe, jobs):
             f.write(json.dumps(row) + "\n")
@@ -136,31 +137,35 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
 
 
-def judged(paths: list[str]) -> dict[tuple[str, int], dict]:
-    """The judge's seed-0 rows of the recipe's draws, by (subject, draw)."""
-    names = {method_of(d): d for d in range(16)}
+def judged(paths: list[str]) -> dict[tuple[str, str], dict]:
+    """The judge's seed-0 final rows, by (subject, method)."""
     rows = [r for p in paths for r in quality.load(p)]
-    return {(r["subject"], names[r["method"]]): r for r in rows
-            if r.get("phase") == "final" and r.get("seed") == 0 and r.get("method") in names}
+    return {(r["subject"], r["method"]): r for r in rows if r.get("phase") == "final" and r.get("seed") == 0}
 
 
-def summarise(rows: list[dict], scores: dict[tuple[str, int], dict]) -> list[str]:
+def method(row: dict) -> str:
+    return row.get("method") or method_of(row["draw"])  # rows of 0e40850 name the draw only
+
+
+def summarise(rows: list[dict], scores: dict[tuple[str, str], dict]) -> list[str]:
     """Per subject and draw: the loss against the first draw's (paired), the judge's scores, the rule's pick."""
     lines, picked, mean_over = [], [], []
+    rows = [r for r in rows if r.get("draw") is not None]
     for subject in dict.fromkeys(r["subject"] for r in rows):
         curves = {r["draw"]: r for r in rows if r["subject"] == subject}
         ref = min(curves)
         gaps = {d: {k: paired(c[k], curves[ref][k]) for k in ("loss", "instance_loss", "prior_loss") if c.get(k)}
                 for d, c in sorted(curves.items())}
         best = min(gaps, key=lambda d: gaps[d]["loss"][0])
+        judge = {d: scores.get((subject, method(curves[d]))) for d in gaps}
         for d, g in gaps.items():
-            s = scores.get((subject, d), {})
             cells = [f"{g[k][0]:+.4f} ± {g[k][1]:.4f}" if k in g else "-" for k in ("loss", "instance_loss", "prior_loss")]
-            judge = f"{s['subject_acc']:.2f} / {s['subject_fidelity']:.3f}" if s else "-"
-            lines.append(f"| {subject} | {d}{' (picked)' if d == best else ''} | " + " | ".join(cells) + f" | {judge} |")
-        if all((subject, d) in scores for d in gaps):
-            picked.append(scores[(subject, best)]["subject_acc"])
-            mean_over.append(statistics.mean(scores[(subject, d)]["subject_acc"] for d in gaps))
+            s = judge[d]
+            cells.append(f"{s['subject_acc']:.2f} / {s['subject_fidelity']:.3f}" if s else "-")
+            lines.append(f"| {subject} | {d}{' (picked)' if d == best else ''} | " + " | ".join(cells) + " |")
+        if all(judge.values()):
+            picked.append(judge[best]["subject_acc"])
+            mean_over.append(statistics.mean(s["subject_acc"] for s in judge.values()))
     head = ["| subject | draw | loss − draw 0's (steps n/2..n) | instance term | prior term | judge: subject acc / fidelity |",
             "|---|---:|---:|---:|---:|---:|"]
     tail = []
@@ -170,9 +175,27 @@ def summarise(rows: list[dict], scores: dict[tuple[str, int], dict]) -> list[str
     return head + lines + tail
 
 
+def binding(rows: list[dict], scores: dict[tuple[str, str], dict]) -> list[str]:
+    """Per method, mean over subjects: how far the adapter lowered the instance images' loss under the subject
+    prompt ("fit"), how much of that it keeps from the class prompt ("binding", and as a share of the fit), the class
+    images' drift, and the judge's seed-0 subject accuracy."""
+    out = ["| method | subjects | fit | binding | share of the fit | drift | judge: subject acc (seed 0) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in dict.fromkeys(method(r) for r in rows if "binding" in r):
+        mine = [r for r in rows if method(r) == m and "binding" in r]
+        fit = statistics.mean(r["base_inst_subject"] - r["inst_subject"] for r in mine)
+        bind = statistics.mean(r["binding"] for r in mine)
+        accs = [scores[(r["subject"], m)]["subject_acc"] for r in mine if (r["subject"], m) in scores]
+        acc = f"{statistics.mean(accs):.2f}" + (f" ({len(accs)})" if len(accs) < len(mine) else "") if accs else "-"
+        out.append(f"| {m} | {len(mine)} | {fit:.4f} | {bind:.4f} | {bind / fit:.1%} | "
+                   f"{statistics.mean(r['drift'] for r in mine):+.4f} | {acc} |")
+    return out
+
+
 def report(args) -> None:
     rows = [json.loads(line) for line in open(args.jsonl)]
-    print("\n".join(summarise(rows, judged(args.quality.split(",")) if args.quality else {})))
+    scores = judged(args.quality.split(",")) if args.quality else {}
+    print("\n".join(summarise(rows, scores) + [""] + binding(rows, scores)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", required=True, help="JSON lines, one per (subject, draw)")
     r.add_argument("--work_dir", required=True, help="a quality.py work dir (its images/)")
     r.add_argument("--subjects", default=",".join(quality.SUBJECTS))
-    r.add_argument("--draws", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2, 3])
+    r.add_argument("--draws", type=lambda v: [int(x) for x in v.split(",") if x], default=[0, 1, 2, 3])
+    r.add_argument("--methods", type=lambda v: [x for x in v.split(",") if x], default=[],
+                   help="also probe these quality.py methods (at their --lr; e.g. the layouts trained whole)")
     r.add_argument("--steps", type=int, default=500)
     r.add_argument("--seed", type=int, default=0, help="the training seed (the judge's rows: seed 0)")
     r.add_argument("--lr", type=float, default=3e-3)
