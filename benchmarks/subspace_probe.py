@@ -9,7 +9,13 @@ step's loss. The training seed fixes the batches, noise and timesteps, so every 
 per-step differences between draws are paired: their mean over the second half of the probe is resolved to a few
 1e-4. `report` sets the rule "lowest loss wins" beside the judge's scores of the same draws (quality.py rows).
 
+After training, each probe also measures on draws fixed for every probe how much of the adapter's fit to the
+instance images is bound to the identifier: their loss under the class prompt minus under the subject prompt
+("binding"), what DreamBooth is after and the training loss does not isolate. `--methods` probes other quality.py
+methods the same way (e.g. the layouts the subspace is cut from, trained whole), for comparison.
+
     python benchmarks/subspace_probe.py run --out F --work_dir D --subjects striped_star --draws 0,1,2,3 --steps 500
+    python benchmarks/subspace_probe.py run --out F --work_dir D --draws "" --methods axks_r4_ti,axks_r6_ti
     python benchmarks/subspace_probe.py report F --quality benchmarks/results/quality-projected-r4-subspace-cpu.jsonl,...
 
 D is a quality.py work dir (its images/ folders; `quality.py run` writes them).
@@ -54,8 +60,6 @@ def probe(job: dict) -> dict:
 
     The trainer hands `on_step` the total; the instance and prior terms are read by wrapping the trainer's `losses`
     for the length of this process (instrumentation of a benchmark worker, not a product hook)."""
-    import torch
-
     from superlora_diffusers.training import train
     from superlora_diffusers.training import trainer
 
