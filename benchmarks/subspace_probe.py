@@ -164,14 +164,17 @@ def summarise(rows: list[dict], scores: dict[tuple[str, str], dict]) -> list[str
         judge = {d: scores.get((subject, method(curves[d]))) for d in gaps}
         for d, g in gaps.items():
             cells = [f"{g[k][0]:+.4f} ± {g[k][1]:.4f}" if k in g else "-" for k in ("loss", "instance_loss", "prior_loss")]
+            c = curves[d]
+            cells.append(f"{c['binding']:.4f} ({c['binding'] / (c['base_inst_subject'] - c['inst_subject']):.0%})"
+                         if "binding" in c else "-")
             s = judge[d]
             cells.append(f"{s['subject_acc']:.2f} / {s['subject_fidelity']:.3f}" if s else "-")
             lines.append(f"| {subject} | {d}{' (picked)' if d == best else ''} | " + " | ".join(cells) + " |")
         if all(judge.values()):
             picked.append(judge[best]["subject_acc"])
             mean_over.append(statistics.mean(s["subject_acc"] for s in judge.values()))
-    head = ["| subject | draw | loss − draw 0's (steps n/2..n) | instance term | prior term | judge: subject acc / fidelity |",
-            "|---|---:|---:|---:|---:|---:|"]
+    head = ["| subject | draw | training loss − draw 0's (steps n/2..n) | instance term | prior term | "
+            "binding (share of the fit) | judge: subject acc / fidelity |", "|---|---:|---:|---:|---:|---:|---:|"]
     tail = []
     if picked:
         tail = [f"", f"lowest loss picks: subject acc {statistics.mean(picked):.3f} over {len(picked)} subjects; "

@@ -39,7 +39,7 @@ def test_report_pairs_the_curves_and_sets_the_pick_beside_the_judge(probe):
     scores = {("s", probe.method_of(d)): dict(subject_acc=acc, subject_fidelity=0.8)
               for d, acc in ((0, 0.4), (1, 0.1), (2, 0.1))}
     lines = probe.summarise(rows, scores)
-    assert "| s | 2 (picked) | -0.0200" in "\n".join(lines)
+    assert "| s | 2 (picked) | -0.0200 ± 0.0000 | - | - | - | 0.10 / 0.800 |" in lines
     assert lines[-1].endswith("subject acc 0.100 over 1 subjects; the mean over the draws: 0.200")
 
 
