@@ -87,3 +87,16 @@ def generate(pipe, prompt: str = "a photo of sks star", seed: int = 0, steps: in
 @pytest.fixture
 def pipe():
     return tiny_pipeline()
+
+
+def benchmark_module(script: str, name: str):
+    """benchmarks/<script> loaded as module `name` (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass in it looks its module up
+    spec.loader.exec_module(module)
+    return module

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import benchmark_module
 
 from superlora_diffusers import SuperLoRAConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["unet.a.attentions.0.transformer_blocks.0.attn1.to_q", "unet.a.attentions.0.transformer_blocks.0.attn2.to_k",
          "unet.a.resnets.0.conv1", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
          "text_encoder.text_model.encoder.layers.1.self_attn.q_proj"]
@@ -19,10 +16,7 @@ SHAPES = [(12, 12), (12, 20), (12, 27), (16, 16), (16, 16)]
 
 @pytest.fixture(scope="module")
 def expressivity():
-    spec = importlib.util.spec_from_file_location("expressivity_benchmark", ROOT / "benchmarks" / "expressivity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("expressivity.py", "expressivity_benchmark")
 
 
 def rank2_targets() -> dict[str, torch.Tensor]:

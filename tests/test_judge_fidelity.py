@@ -7,29 +7,22 @@ near 0 and blurred renders near 1.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 from superlora_diffusers.toy import fidelity as Fd
 from superlora_diffusers.toy import judge as J
 from superlora_diffusers.toy import world
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def calib():
-    spec = importlib.util.spec_from_file_location("judge_calibration", ROOT / "benchmarks" / "judge_calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclass looks its module up)
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield benchmark_module("judge_calibration.py", "judge_calibration")
+    del sys.modules["judge_calibration"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,7 +9,6 @@ read from peft, so a changed config or a shared vector counted twice shows up.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 from superlora_diffusers.training import TrainingError
 from superlora_diffusers.training.data import encode_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("quality_peers", ROOT / "benchmarks" / "quality.py")
-Q = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(Q)  # METHODS for parametrize; the models load in the fixture
+Q = benchmark_module("quality.py", "quality_peers")  # METHODS for parametrize; the models load in the fixture
 SHARED_METHODS = [m for m, s in Q.METHODS.items() if s["kind"] in Q.PEFT_SHARED]
 UNET_ATTENTION, CLIP_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0"), ("q_proj", "k_proj", "v_proj", "out_proj")
 

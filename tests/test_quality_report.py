@@ -7,20 +7,14 @@ the per-seed mean, and the equal-quality search that decides whether a parameter
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("quality.py", "quality_benchmark")
 
 
 SUBJECTS = ["striped_star", "polka_circle", "rainbow_heart", "checker_square"]

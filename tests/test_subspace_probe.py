@@ -3,20 +3,13 @@ arithmetic (paired loss gaps, the lowest-loss pick beside the judge's scores) on
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("subspace_probe", ROOT / "benchmarks" / "subspace_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("subspace_probe.py", "subspace_probe")
 
 
 def test_config_is_the_quality_run_cut_short(probe, tmp_path):
