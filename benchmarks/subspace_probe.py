@@ -200,7 +200,7 @@ def binding(rows: list[dict], scores: dict[tuple[str, str], dict]) -> list[str]:
 
 
 def report(args) -> None:
-    rows = [json.loads(line) for line in open(args.jsonl)]
+    rows = [json.loads(line) for path in args.jsonl.split(",") for line in open(path)]
     scores = judged(args.quality.split(",")) if args.quality else {}
     print("\n".join(summarise(rows, scores) + [""] + binding(rows, scores)))
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--lr", type=float, default=3e-3)
     r.add_argument("--workers", type=int, default=2)
     p = sub.add_parser("report")
-    p.add_argument("jsonl")
+    p.add_argument("jsonl", help="a probe's results, or several comma-separated")
     p.add_argument("--quality", default=None, help="comma-separated quality.py results with the draws' seed-0 rows")
     args = ap.parse_args(argv)
     run(args) if args.cmd == "run" else report(args)
