@@ -212,7 +212,11 @@ METHODS: dict[str, dict] = {
 # toward the less noisy half (x3, so 3/4 of the draws there), where a subject's pattern is drawn, not its layout
 for _name, _lever in (("axksp_r4_ti_snr5", {"snr_gamma": 5.0}), ("axksp_r4_ti_frac", {"train_text_encoder_ti_frac": 0.5}),
                       ("axksp_r4_ti_early", {"timestep_bias_strategy": "earlier", "timestep_bias_multiplier": 3.0,
-                                             "timestep_bias_portion": 0.5})):
+                                             "timestep_bias_portion": 0.5}),
+                      # the class images regressed onto the base model's own prediction (the README demo's target):
+                      # subspace_probe.py found every draw drifting the class images 10-20x more than the layouts that
+                      # learn, and this prior term measures that drift alone, without the sampled noise
+                      ("axksp_r4_ti_bm", {"prior_loss_target": "base_model"})):
     METHODS[_name] = {**METHODS["axksp_r4_ti"], "config": {**METHODS["axksp_r4_ti"]["config"], **_lever}}
 # two embedding vectors instead of one (diffusers' advanced script trains two per identifier by default,
 # --num_new_tokens_per_abstraction 2): the identifier "zwx", which the CLIP tokenizer splits into two ids that no
