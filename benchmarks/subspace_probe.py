@@ -59,11 +59,10 @@ def probe(job: dict) -> dict:
     """Train one draw for job["steps"] steps; the losses of every step.
 
     The trainer hands `on_step` the total; the instance and prior terms are read by wrapping the trainer's `losses`
-    for the length of this process (instrumentation of a benchmark worker, not a product hook)."""
+    for the length of this probe (instrumentation of a benchmark worker, not a product hook)."""
     from superlora_diffusers.training import train
     from superlora_diffusers.training import trainer
 
-    torch.set_num_threads(1)
     cfg = probe_config(job)
     total, instance, prior = [], [], []
     step_losses = trainer.losses
@@ -76,15 +75,18 @@ def probe(job: dict) -> dict:
 
     trainer.losses = recorded
     t0 = time.time()
-    weights = train(cfg, on_step=lambda step, max_steps, loss: total.append(loss))
-    held_out = fixed_draw_losses(cfg, weights, job["work_dir"])
+    try:
+        weights = train(cfg, on_step=lambda step, max_steps, loss: total.append(loss))
+    finally:
+        trainer.losses = step_losses  # a worker's next probe wraps the trainer's own function, not this wrapper
+    held_out = fixed_draw_losses(cfg, weights)
     shutil.rmtree(cfg.output_dir)
     return {**{k: job[k] for k in ("method", "subject", "draw", "seed", "steps", "lr")}, "seconds": round(time.time() - t0, 1),
             "loss": total, "instance_loss": instance, "prior_loss": prior, **held_out}
 
 
 @torch.no_grad()
-def fixed_draw_losses(cfg, weights: Path, work_dir: str, n_noise: int = 32) -> dict[str, float]:
+def fixed_draw_losses(cfg, weights: Path, n_noise: int = 32) -> dict[str, float]:
     """The trained adapter's denoising loss on draws fixed for every probe (noise, timesteps: one seed), base model
     beside it: the instance images under the subject prompt and under the class prompt, the class images under the
     class prompt. "binding" = loss(instance | class prompt) - loss(instance | subject prompt): how much of the fit
@@ -92,8 +94,7 @@ def fixed_draw_losses(cfg, weights: Path, work_dir: str, n_noise: int = 32) -> d
     images' loss with the adapter minus without it."""
     from superlora_diffusers.training.data import encode_prompts, load_examples
 
-    quality.init_worker("cpu", work_dir, 1)
-    W = quality.W
+    W = quality.W  # the base models, loaded once per worker (quality.init_worker)
     unet, te = copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])
     quality.build(cfg, copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])).load_into(quality.make_pipeline(unet, te),
                                                                                     weights)
@@ -128,7 +129,8 @@ def run(args) -> None:
     runs = [(method_of(d), d) for d in args.draws] + [(m, None) for m in args.methods]
     jobs = [dict(method=m, subject=s, draw=d, seed=args.seed, steps=args.steps, lr=args.lr, work_dir=args.work_dir)
             for s in args.subjects.split(",") for m, d in runs]
-    with ProcessPoolExecutor(args.workers) as pool, open(args.out, "a") as f:
+    with ProcessPoolExecutor(args.workers, initializer=quality.init_worker,
+                             initargs=("cpu", args.work_dir, 1)) as pool, open(args.out, "a") as f:
         for row in pool.map(probe, jobs):
             f.write(json.dumps(row) + "\n")
             f.flush()
