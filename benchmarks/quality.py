@@ -361,18 +361,27 @@ def build(config, unet, te):
     return build_adapter(config, W["tokenizer"], unet, te, log=False)
 
 
+def adapted_models(config, weights: Path):
+    """Fresh copies of the base UNet and text encoder with the trained file loaded by the adapter's own loader, and
+    that adapter (built on two more copies by the trainer's `build_adapter`: its exact trainable count)."""
+    unet, te = copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])
+    adapter = build(config, copy.deepcopy(W["unet"]), copy.deepcopy(W["te"]))
+    adapter.load_into(make_pipeline(unet, te), weights)
+    return unet, te, adapter
+
+
 def run_job(job: dict) -> dict:
     """One run: the shipped trainer, `train(config)`, then the judge on the adapter it saved, loaded by its loader."""
     from superlora_diffusers.training import train
 
     t0 = time.time()
-    unet, te = copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])
     out = dict(job)
-    if job["method"] != "base":
+    if job["method"] == "base":
+        unet, te = copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])
+    else:
         config = training_config(job, Path(W["work_dir"]))
         weights = train(config)
-        adapter = build(config, copy.deepcopy(W["unet"]), copy.deepcopy(W["te"]))  # its exact trainable count
-        adapter.load_into(make_pipeline(unet, te), weights)
+        unet, te, adapter = adapted_models(config, weights)
         out.update(params=adapter.n_params, file_bytes=weights.stat().st_size, train_seconds=round(time.time() - t0, 2),
                    family=METHODS[job["method"]]["family"])
     unet.eval()

@@ -24,7 +24,6 @@ D is a quality.py work dir (its images/ folders; `quality.py run` writes them).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import statistics
@@ -95,9 +94,7 @@ def fixed_draw_losses(cfg, weights: Path, n_noise: int = 32) -> dict[str, float]
     from superlora_diffusers.training.data import encode_prompts, load_examples
 
     W = quality.W  # the base models, loaded once per worker (quality.init_worker)
-    unet, te = copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])
-    quality.build(cfg, copy.deepcopy(W["unet"]), copy.deepcopy(W["te"])).load_into(quality.make_pipeline(unet, te),
-                                                                                    weights)
+    unet, te, _ = quality.adapted_models(cfg, weights)
     unet.eval(), te.eval()
     size = W["unet"].config.sample_size * 2 ** (len(W["vae"].config.block_out_channels) - 1)
     g = torch.Generator().manual_seed(4321)
