@@ -143,6 +143,14 @@ METHODS: dict[str, dict] = {
     **{f"axks_r{r}_ti": {**_s("SuperLoRA Tucker axes, shared bases + TI", factorization="tucker", fold=3,
                               groups="shape", rank=r, kernel_axis=True, share_axes=True), "ti": True}
        for r in (1, 2, 4, 6, 12)},
+    # rank 2 without the five convs that read the up blocks' skip concatenations (inputs of 256, 192 and 96 channels):
+    # their input bases are 1,088 of rank 2's 2,374 entries, and reading them through their parts' bases bent the
+    # subject (concat_axes, a prototype), so here they are not adapted at all: 109 weights, 1,241 + 128 = 1,369
+    "axks_r2_ti_noskip": {**_s("SuperLoRA Tucker axes, shared bases, no skip convs + TI", factorization="tucker",
+                               fold=3, groups="shape", rank=2, kernel_axis=True, share_axes=True,
+                               target_modules=r"to_q,to_k,to_v,to_out.0,unet\.(down_blocks\.\d+|mid_block)\.resnets\.\d+"
+                                              r"\.conv[12],unet\.up_blocks\.\d+\.resnets\.\d+\.conv2,"
+                                              r"unet\.up_blocks\.2\.resnets\.1\.conv1"), "ti": True},
     # layouts trained in a random subspace: their factors are theta0 + F.v with v the one trainable vector of
     # ceil(ratio x N) = 1,360 entries (+ 128: the <= 1.5k bar). The shared layout at rank 6 (N = 12,249), with _ps1/_ps2
     # other subspaces (theta0 and F drawn from projection_seed) to see how much rests on the draw; then smaller layouts,
