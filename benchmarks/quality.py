@@ -151,6 +151,12 @@ METHODS: dict[str, dict] = {
                                target_modules=r"to_q,to_k,to_v,to_out.0,unet\.(down_blocks\.\d+|mid_block)\.resnets\.\d+"
                                               r"\.conv[12],unet\.up_blocks\.\d+\.resnets\.\d+\.conv2,"
                                               r"unet\.up_blocks\.2\.resnets\.1\.conv1"), "ti": True},
+    # the same five convs alone, each its own rank-1 Tucker (out, in, kernel), and the embedding: without them rank 2
+    # learnt nothing (axks_r2_ti_noskip); are they enough? 1,303 + 128 = 1,431 (run without --train_text_encoder)
+    "skip_axk_r1_ti": {**_s("SuperLoRA Tucker axes + kernel, skip convs only + TI", factorization="tucker", fold=3,
+                            groups="shape", rank=1, kernel_axis=True,
+                            target_modules=r"unet\.up_blocks\.[01]\.resnets\.[01]\.conv1,unet\.up_blocks\.2\.resnets\.0\.conv1"),
+                       "ti": True},
     # layouts trained in a random subspace: their factors are theta0 + F.v with v the one trainable vector of
     # ceil(ratio x N) = 1,360 entries (+ 128: the <= 1.5k bar). The shared layout at rank 6 (N = 12,249), with _ps1/_ps2
     # other subspaces (theta0 and F drawn from projection_seed) to see how much rests on the draw; then smaller layouts,
@@ -346,8 +352,8 @@ def training_config(job: dict, work_dir: Path):
         own = dict(spec["config"])
         targets = own.pop("target_modules", None)
         if targets:  # a preset widens with --targets conv; module patterns stay as they are
-            widen = job.get("targets") == "conv" and "conv" not in targets and "," not in targets
-            cfg["target_modules"] = targets + ("+conv" if widen else "")
+            widen = {"unet": "unet+conv", "unet+text": "unet+conv+text"} if job.get("targets") == "conv" else {}
+            cfg["target_modules"] = widen.get(targets, targets)
         cfg.update({k: (str(v) if k == "groups" else v) for k, v in own.items()})
     elif spec["kind"] in ("lora", "lokr"):
         cfg.update(adapter=spec["kind"], rank=spec["r"])

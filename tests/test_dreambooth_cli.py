@@ -205,6 +205,8 @@ def test_train_text_encoder_adds_the_text_encoder_to_the_targets():
     assert targets("--target_modules", "unet+conv") == "unet+conv+text"
     assert targets("--target_modules", "unet+text") == "unet+text"
     assert targets("--target_modules", "to_q,to_v") == ["to_q", "to_v", TEXT_ENCODER_PATTERN]
+    assert targets("--target_modules", r"unet\.up_blocks\.\d+\.resnets\.\d+\.conv1") == [
+        r"unet\.up_blocks\.\d+\.resnets\.\d+\.conv1", TEXT_ENCODER_PATTERN]  # one pattern is a pattern, not a preset
     with pytest.raises(TrainingError, match="no text-encoder variant"):
         targets("--target_modules", "unet-cross")
 

@@ -6,7 +6,7 @@ import contextlib
 
 from ..config import PRESETS, SuperLoRAConfig, config_from_preset
 from ..superlora import count_parameters
-from ..targets import with_text_encoder
+from ..targets import PRESETS as TARGET_PRESETS, with_text_encoder
 from .config import TrainingConfig, TrainingError
 
 
@@ -20,7 +20,7 @@ def adapter_config(cfg: TrainingConfig, shapes_for, token_parameters: int = 0,
     `--train_text_encoder_ti` trains it.
     """
     targets = cfg.target_modules or "unet"
-    if "," in targets:
+    if targets not in TARGET_PRESETS:  # module-name patterns, one or comma-separated (as the peft adapters read them)
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     if cfg.train_text_encoder:
         try:
