@@ -108,7 +108,8 @@ def toy_targets(targets: str) -> tuple[list[tuple[int, int]], list[int]]:
 
 def test_param_budget_takes_the_shared_bases_recipes_with_pivotal_tuning():
     """On the toy's demo layers, with the embedding: rank 6 with shared bases where it fits, rank 4 where neither
-    it nor tucker-axes r=1 does; without the embedding they were not measured, so never taken."""
+    it nor tucker-axes r=1 does, rank 2 under the kernel axis; without the embedding they were not measured, so
+    never taken."""
     shapes, kernels = toy_targets("unet+conv+text")
     config, why = choose_config_for_budget(15_000, shapes, pivotal=True, kernels=kernels)
     assert (config.rank, config.share_axes, config.kernel_axis) == (6, True, True) and "tucker-axes-shared" in why
@@ -117,7 +118,13 @@ def test_param_budget_takes_the_shared_bases_recipes_with_pivotal_tuning():
     assert (config.rank, config.share_axes) == (4, True) and count_parameters(config, shapes, kernels) == 5_969
     config, _ = choose_config_for_budget(15_000, shapes, pivotal=False, kernels=kernels)
     assert not config.share_axes
-    # under the kernel axis's 3,109: rank 4 trained in a random subspace, 1,360 of its 5,969 entries
+    # under the kernel axis's 3,109: rank 2 trained whole (2,374), which measured ahead of it
+    config, why = choose_config_for_budget(3_237 - 128 - 1, shapes, pivotal=True, kernels=kernels)
+    assert (config.rank, config.share_axes, config.projection) == (2, True, "none") and "measured recipe" in why
+    assert count_parameters(config, shapes, kernels) == 2_374
+    # under that: rank 4 trained in a random subspace, 1,360 of its 5,969 entries
+    config, why = choose_config_for_budget(2_374 - 1, shapes, pivotal=True, kernels=kernels)
+    assert (config.rank, config.share_axes, config.projection) == (4, True, "fastfood") and "measured recipe" in why
     config, why = choose_config_for_budget(1_500 - 128, shapes, pivotal=True, kernels=kernels)
     assert (config.rank, config.share_axes, config.projection) == (4, True, "fastfood") and "measured recipe" in why
     assert count_parameters(config, shapes, kernels) == 1_360
