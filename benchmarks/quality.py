@@ -128,6 +128,9 @@ METHODS: dict[str, dict] = {
     # --targets attention): ax_r16's 29,512 entries read a 14,872-entry isometric vector, + 128 = unilora_15k's 15,000
     "axi_r16_ti": {**_s("SuperLoRA Tucker axes, isometric projection + TI", factorization="tucker", fold=3,
                         groups="shape", rank=16, projection="isometric", projection_ratio=0.50393), "ti": True},
+    # the same map and layout at the peers' smallest budget: 1,372 + 128 = 1,500, beside unilora_1k5 on the same slice
+    "axi_r16_ti_1k5": {**_s("SuperLoRA Tucker axes, isometric projection + TI", factorization="tucker", fold=3,
+                            groups="shape", rank=16, projection="isometric", projection_ratio=0.046489), "ti": True},
     # the kernel as a fourth axis (kernel_axis): the convs' U_in shrinks from c_in*9 to c_in + 9 rows, so rank 4 fits
     # under 15k (13,881 + 128) and rank 1 in 3,109 + 128
     "axk_r1_ti": {**_s("SuperLoRA Tucker axes + kernel + TI", factorization="tucker", fold=3, groups="shape", rank=1,

@@ -370,3 +370,10 @@ def test_method_targets_widen_as_presets_and_stay_as_patterns(quality, tmp_path)
     adapter, _, _ = built(quality, tmp_path, "skip_axk_r1_ti", targets="conv", text=False)
     assert adapter.n_params == 1_303 + 128 and len(adapter.shapes) == 5
     assert all(".resnets." in name and name.endswith(".conv1") and ".up_blocks." in name for name in adapter.targets)
+
+
+def test_the_isometric_layout_at_the_peers_smallest_budget(quality, tmp_path):
+    """axi_r16_ti_1k5: the rank-16 axes layout on UNet + CLIP attention through a 1,372-entry isometric vector, + the
+    embedding: UniLoRA 1.5k's 1,500 exactly."""
+    adapter, _, _ = built(quality, tmp_path, "axi_r16_ti_1k5", targets="attention", text=True)
+    assert adapter.n_params == 1_500 and len(adapter.shapes) == 92
