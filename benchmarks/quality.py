@@ -158,7 +158,8 @@ METHODS: dict[str, dict] = {
     # learnt nothing (axks_r2_ti_noskip); are they enough? 1,303 + 128 = 1,431 (run without --train_text_encoder)
     "skip_axk_r1_ti": {**_s("SuperLoRA Tucker axes + kernel, skip convs only + TI", factorization="tucker", fold=3,
                             groups="shape", rank=1, kernel_axis=True,
-                            target_modules=r"unet\.up_blocks\.[01]\.resnets\.[01]\.conv1,unet\.up_blocks\.2\.resnets\.0\.conv1"),
+                            target_modules=r"unet\.up_blocks\.[01]\.resnets\.[01]\.conv1,"
+                                           r"unet\.up_blocks\.2\.resnets\.0\.conv1"),
                        "ti": True},
     # layouts trained in a random subspace: their factors are theta0 + F.v with v the one trainable vector of
     # ceil(ratio x N) = 1,360 entries (+ 128: the <= 1.5k bar). The shared layout at rank 6 (N = 12,249), with _ps1/_ps2

@@ -364,9 +364,8 @@ def test_the_small_budget_target_keeps_its_own_layers(quality, tmp_path, targets
 def test_method_targets_widen_as_presets_and_stay_as_patterns(quality, tmp_path):
     """--targets conv widens a method's preset to its conv form; module patterns (skip_axk_r1_ti: the five convs that
     read the up blocks' skip concatenations, 1,303 + 128) stay exactly those layers."""
-    job_ = dict(method="t3_g12_r5_text", subject="striped_star", seed=0, lr=3e-3, steps=1500, prior_weight=1.0,
-                targets="conv", text=False, n_eval=16, eval_steps=20)
-    assert Q.training_config(job_, tmp_path).target_modules == "unet+conv+text"
+    widened = Q.training_config(job("t3_g12_r5_text", targets="conv", text=False), tmp_path)
+    assert widened.target_modules == "unet+conv+text"
     adapter, _, _ = built(quality, tmp_path, "skip_axk_r1_ti", targets="conv", text=False)
     assert adapter.n_params == 1_303 + 128 and len(adapter.shapes) == 5
     assert all(".resnets." in name and name.endswith(".conv1") and ".up_blocks." in name for name in adapter.targets)

@@ -70,7 +70,8 @@ def describe(config: SuperLoRAConfig) -> str:
 # still beats the cube G=12).
 MEASURED_RECIPES: dict[bool, list[tuple[str, dict]]] = {
     True: [("lora", {"rank": 4}), ("tucker-axes-shared", {}), ("tucker-axes", {}), ("lora", {"rank": 1}),
-           ("tucker-axes-shared", {"rank": 4}), ("tucker-axes-shared", {"rank": 2}), ("tucker-axes", {"kernel_axis": True}),
+           ("tucker-axes-shared", {"rank": 4}), ("tucker-axes-shared", {"rank": 2}),
+           ("tucker-axes", {"kernel_axis": True}),
            ("tucker-axes-shared", {"rank": 4, "projection": "fastfood", "projection_ratio": 0.22784}),
            ("lorta", {"groups": 12, "rank": 5})],
     False: [("lora", {"rank": 4}), ("lora", {"rank": 1}), ("tucker-axes", {}), ("lorta", {"groups": 12, "rank": 5})],
